@@ -82,16 +82,17 @@ class Pipeline:
             fps.append(upstream)
         return fps
 
-    def step_dirs(self) -> list[Path]:
-        return [self.workdir / f"{s.name}-{fp}" for s, fp in zip(self.steps, self.fingerprints())]
+    def step_dirs(self, fingerprints: list[str] | None = None) -> list[Path]:
+        fps = fingerprints or self.fingerprints()
+        return [self.workdir / f"{s.name}-{fp}" for s, fp in zip(self.steps, fps)]
 
     # -- running -----------------------------------------------------------------------
     def run(self) -> pa.Table | None:
         """Run (or resume) every step; write the output file; return the final table."""
         self.check_columns()
         self.stats = []
-        dirs = self.step_dirs()
         fps = self.fingerprints()
+        dirs = self.step_dirs(fps)
         n_shards = 0
         for i, (step, step_dir, fp) in enumerate(zip(self.steps, dirs, fps)):
             start = time.perf_counter()
