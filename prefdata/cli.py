@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
         from prefdata.train.trainer import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["argilla"]:
+        from prefdata.argilla import cli_main as argilla_main
+
+        return argilla_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -50,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=cmd_inspect)
 
     sub.add_parser("train", help="train on a pair or list parquet (see 'prefdata train --help')")
+    sub.add_parser("argilla", help="dev server, push and pull with Argilla (see 'prefdata argilla --help')")
     return parser
 
 

@@ -1,0 +1,130 @@
+"""Sample on-policy responses: each prompt row becomes ``n`` response rows.
+
+The sampling seed of a shard is derived from the configured seed and the shard's prompt
+ids, so recomputing a shard (after a crash, on another executor) gives the same rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from prefdata import schema
+from prefdata.models import LanguageModel, Sampling, check_backend, load_model
+from prefdata.step import MapStep
+
+log = logging.getLogger(__name__)
+
+NEW_COLUMNS = ["response_id", "response", "generator", "sample_index", "sampling"]
+
+
+@dataclass
+class SampleConfig:
+    model: str = "smollm2-135m-instruct"
+    n: int = 4
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 128
+    seed: int = 0
+    backend: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 16
+
+
+class Sample(MapStep):
+    """Generate ``n`` replies per prompt with one language model."""
+
+    name: ClassVar[str] = "sample"
+    version: ClassVar[str] = "1"
+    Config: ClassVar[type] = SampleConfig
+    model: LanguageModel | None = None
+
+    def check(self) -> None:
+        c = self.config
+        problems = [
+            f"n must be at least 1, got {c.n}" if c.n < 1 else None,
+            f"temperature must be >= 0, got {c.temperature}" if c.temperature < 0 else None,
+            f"top_p must be in (0, 1], got {c.top_p}" if not 0 < c.top_p <= 1 else None,
+            f"max_new_tokens must be at least 1, got {c.max_new_tokens}" if c.max_new_tokens < 1 else None,
+            f"batch_size must be at least 1, got {c.batch_size}" if c.batch_size < 1 else None,
+        ]
+        problems = [p for p in problems if p]
+        if problems:
+            raise ValueError(f"step 'sample': {'; '.join(problems)}")
+        check_backend(c.backend)
+
+    def input_columns(self) -> list[str]:
+        return ["prompt_id", "prompt"]
+
+    def output_columns(self, columns: list[str]) -> list[str]:
+        clash = [c for c in NEW_COLUMNS if c in columns]
+        if clash:
+            raise ValueError(
+                f"step 'sample': the input already has column(s) {clash}; sample reads prompt "
+                "rows, so drop or rename them first"
+            )
+        return list(columns) + NEW_COLUMNS
+
+    def setup(self) -> None:
+        c = self.config
+        self.model = load_model(
+            c.model, backend=c.backend, device=c.device, dtype=c.dtype, batch_size=c.batch_size
+        )
+
+    def teardown(self) -> None:
+        self.model = None
+
+    def process(self, table: pa.Table) -> pa.Table:
+        self.output_columns(table.column_names)
+        if table.num_rows == 0:
+            return _empty(table.schema)
+        if self.model is None:
+            self.setup()
+        c = self.config
+        prompt_ids = table.column("prompt_id").to_pylist()
+        sampling = Sampling(
+            temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
+            seed=shard_seed(c.seed, prompt_ids),
+        )
+        replies = self.model.generate(table.column("prompt").to_pylist(), c.n, sampling)
+        texts = [text for per_prompt in replies for text in per_prompt]
+        out = table.take(pa.array(np.repeat(np.arange(table.num_rows), c.n)))
+        sample_index = np.tile(np.arange(c.n, dtype=np.int64), table.num_rows)
+        ids = [
+            schema.response_id(pid, c.model, text, int(k))
+            for pid, text, k in zip(out.column("prompt_id").to_pylist(), texts, sample_index)
+        ]
+        rows = out.num_rows
+        out = (
+            out.append_column("response_id", pa.array(ids, pa.string()))
+            .append_column("response", pa.array(texts, pa.string()))
+            .append_column("generator", pa.array([c.model] * rows, pa.string()))
+            .append_column("sample_index", pa.array(sample_index))
+            .append_column("sampling", _sampling_column(c, rows))
+        )
+        log.info("sampled %d responses for %d prompts", rows, table.num_rows)
+        return schema.conform(out, schema.RESPONSE)
+
+
+def shard_seed(seed: int, prompt_ids: list[str]) -> int:
+    """A 31-bit seed fixed by the config seed and which prompts the shard holds."""
+    return int(schema.stable_hash([seed, prompt_ids], length=8), 16) & 0x7FFFFFFF
+
+
+def _sampling_column(c: SampleConfig, rows: int) -> pa.StructArray:
+    values = {
+        "temperature": float(c.temperature), "top_p": float(c.top_p),
+        "max_new_tokens": int(c.max_new_tokens), "seed": int(c.seed),
+    }
+    arrays = [pa.array(np.full(rows, values[f.name]), f.type) for f in schema.SAMPLING]
+    return pa.StructArray.from_arrays(arrays, fields=list(schema.SAMPLING))
+
+
+def _empty(input_schema: pa.Schema) -> pa.Table:
+    fields = list(input_schema) + [schema.RESPONSE.field(name) for name in NEW_COLUMNS]
+    return pa.schema(fields).empty_table()

@@ -1,0 +1,137 @@
+"""The transformers backend against direct computations on a real (tiny, random) Llama."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from prefdata.models import Sampling, clear_cache, load_model
+from prefdata.models.hub import SMOLLM2, resolve
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Answer in French."},
+     {"role": "user", "content": "Name three rivers in Europe and say which is longest."}],
+    [{"role": "user", "content": "What is 2 + 2?"},
+     {"role": "assistant", "content": "4"},
+     {"role": "user", "content": "And times three?"}],
+]
+RESPONSES = ["Hello there!", "La Volga est le plus long fleuve d'Europe.", "12"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A random 2-layer Llama with the SmolLM2 tokenizer, saved like a user's checkpoint."""
+    tok = AutoTokenizer.from_pretrained(resolve(SMOLLM2))
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False, initializer_range=0.2,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    yield str(path)
+    clear_cache()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return load_model(tiny_dir, backend="transformers", device="cpu", dtype="float32")
+
+
+def _direct(lm, conversation, response):
+    """Full-sequence forward pass, one unpadded sequence, response positions picked by hand."""
+    tok = lm.tokenizer
+    prompt = list(tok.apply_chat_template(conversation, add_generation_prompt=True)["input_ids"])
+    answer = tok(response, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        out = lm.model(ids, output_hidden_states=True)
+    logp = torch.log_softmax(out.logits[0].double(), dim=-1)
+    total = 0.0
+    for t in range(len(prompt), len(prompt) + len(answer)):
+        total += float(logp[t - 1, ids[0, t]])
+    hidden = out.hidden_states[-1][0, len(prompt) - 1: len(prompt) + len(answer) - 1].numpy()
+    return total, len(answer), hidden
+
+
+def test_logprobs_equal_direct_computation(tiny):
+    got = tiny.logprobs(CONVERSATIONS, RESPONSES)
+    for conv, resp, lp in zip(CONVERSATIONS, RESPONSES, got):
+        total, count, _ = _direct(tiny, conv, resp)
+        assert lp.n_tokens == count
+        assert lp.sum == pytest.approx(total, abs=1e-4)
+        assert lp.mean == pytest.approx(total / count, abs=1e-4)
+
+
+def test_batching_does_not_change_logprobs(tiny_dir, tiny):
+    one_at_a_time = load_model(tiny_dir, backend="transformers", device="cpu", dtype="float32",
+                               batch_size=1)
+    assert one_at_a_time.model is tiny.model  # a batch-size variant shares the weights
+    convs, resps = CONVERSATIONS * 2, RESPONSES[::-1] * 2
+    batched = tiny.logprobs(convs, resps)
+    single = one_at_a_time.logprobs(convs, resps)
+    for a, b in zip(batched, single):
+        assert a.n_tokens == b.n_tokens
+        assert a.sum == pytest.approx(b.sum, abs=1e-4)
+
+
+def test_hidden_states_equal_direct_slices(tiny):
+    got = tiny.hidden_states(CONVERSATIONS, RESPONSES)
+    for conv, resp, h in zip(CONVERSATIONS, RESPONSES, got):
+        _, count, expected = _direct(tiny, conv, resp)
+        assert h.dtype == np.float32 and h.shape == (count, tiny.model.config.hidden_size)
+        np.testing.assert_allclose(h, expected, atol=1e-4)
+
+
+def test_generate_counts_seeds_and_order(tiny):
+    sampling = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=6, seed=1)
+    first = tiny.generate(CONVERSATIONS, 3, sampling)
+    assert [len(r) for r in first] == [3, 3, 3]
+    assert all(isinstance(t, str) for r in first for t in r)
+    torch.manual_seed(1234)  # the global RNG state must not matter
+    assert tiny.generate(CONVERSATIONS, 3, sampling) == first
+    other = tiny.generate(CONVERSATIONS, 3, Sampling(temperature=1.0, max_new_tokens=6, seed=2))
+    assert other != first
+    # Greedy replies of a length-sorted, padded batch come back in input order.
+    greedy = Sampling(temperature=0.0, max_new_tokens=6)
+    batched = tiny.generate(CONVERSATIONS, 2, greedy)
+    singles = [tiny.generate([c], 1, greedy)[0][0] for c in CONVERSATIONS]
+    assert batched == [[s, s] for s in singles]
+
+
+def test_too_long_input_names_the_item(tiny):
+    long = [{"role": "user", "content": "word " * 400}]
+    with pytest.raises(ValueError, match="item 1"):
+        tiny.logprobs([CONVERSATIONS[0], long], ["a", "b"])
+    with pytest.raises(ValueError, match="item 0"):
+        tiny.generate([long], 1, Sampling(max_new_tokens=4))
+
+
+def test_smollm2_short_reply_is_clean_text():
+    lm = load_model(SMOLLM2, backend="transformers", device="cpu")
+    replies = lm.generate(
+        [[{"role": "user", "content": "What is the capital of France?"}]], 2,
+        Sampling(temperature=0.0, max_new_tokens=16),
+    )
+    text = replies[0][0]
+    assert text.strip() and replies[0][1] == text
+    assert not any(s in text for s in lm.tokenizer.all_special_tokens)
+
+
+def test_nucleus_sampler_draws_inside_the_transformers_nucleus():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from prefdata.models.transformers_backend import NucleusSampler
+
+    torch.manual_seed(0)
+    scores = torch.randn(64, 1000) * 4
+    nucleus = torch.isfinite(TopPLogitsWarper(0.9)(None, TemperatureLogitsWarper(0.7)(None, scores)))
+    sampler = NucleusSampler(0.7, 0.9, torch.Generator().manual_seed(0), candidates=16)
+    for _ in range(20):
+        chosen = torch.isfinite(sampler(None, scores))
+        assert (chosen.sum(-1) == 1).all() and nucleus[chosen].all()
