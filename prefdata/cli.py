@@ -53,6 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--rows", type=int, default=3, help="sample rows to show")
     inspect.set_defaults(func=cmd_inspect)
 
+    card = sub.add_parser("card", help="(re)write the dataset card and plots of an output folder")
+    card.add_argument("outdir")
+    card.set_defaults(func=cmd_card)
+
+    hub = sub.add_parser("push-to-hub", help="upload an output folder as a Hub dataset (token from HF_TOKEN)")
+    hub.add_argument("outdir")
+    hub.add_argument("repo_id")
+    hub.add_argument("--private", action="store_true")
+    hub.set_defaults(func=cmd_push_to_hub)
+
     sub.add_parser("train", help="train on a pair or list parquet (see 'prefdata train --help')")
     sub.add_parser("argilla", help="dev server, push and pull with Argilla (see 'prefdata argilla --help')")
     return parser
@@ -73,7 +83,7 @@ def cmd_run(args) -> int:
     print(format_summary(pipeline.stats))
     if pipeline.output:
         print(f"wrote {result.num_rows} rows to {pipeline.output}")
-        q = pipeline.output.with_name(pipeline.output.stem + ".quarantine.parquet")
+        q = pipeline.output_paths()["quarantine"]
         if q.exists():
             print(f"quarantined rows (with reasons) in {q}")
     return 0
@@ -83,6 +93,20 @@ def cmd_inspect(args) -> int:
     from prefdata.inspect import describe
 
     print(describe(Path(args.path), rows=args.rows))
+    return 0
+
+
+def cmd_card(args) -> int:
+    from prefdata.cards import card_for_folder
+
+    print(f"wrote {card_for_folder(args.outdir)}")
+    return 0
+
+
+def cmd_push_to_hub(args) -> int:
+    from prefdata.cards import push_to_hub
+
+    print(f"pushed to {push_to_hub(args.outdir, args.repo_id, private=args.private)}")
     return 0
 
 

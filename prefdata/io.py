@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -36,11 +37,23 @@ def write_parquet(table: pa.Table, path: str | Path, metadata: dict | None = Non
     return path
 
 
-def write_json(obj, path: str | Path) -> Path:
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD", re.I)
+
+
+def redact(text: str) -> str:
+    """Replace the value of every secret-looking environment variable found in ``text``."""
+    for name, value in os.environ.items():
+        if SECRET_NAME.search(name) and value and len(value) >= 6 and value in text:
+            text = text.replace(value, "***")
+    return text
+
+
+def write_json(obj, path: str | Path, redact_secrets: bool = False) -> Path:
     path = Path(path)
     tmp = _tmp_path(path)
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        tmp.write_text(redact(text) if redact_secrets else text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -39,13 +39,16 @@ class StepStats:
     shards_cached: int = 0
     seconds: float = 0.0
     counts: dict = field(default_factory=dict)
+    config: dict | None = None
+    metadata: dict | None = None
 
 
 class Pipeline:
     """A list of steps, a workdir for the cache, and optionally an output file."""
 
     def __init__(self, steps: list[Step], workdir: str | Path = "work", output: str | Path | None = None,
-                 shard_size: int = 64, executor=None, progress: bool = True):
+                 shard_size: int = 64, executor=None, progress: bool = True, info: dict | None = None,
+                 card: bool = True):
         if not steps or not isinstance(steps[0], Source):
             raise PipelineError("a pipeline starts with a source step, e.g. load_prompts")
         for i, step in enumerate(steps[1:], start=1):
@@ -59,6 +62,8 @@ class Pipeline:
         self.shard_size = shard_size
         self.executor = executor or LocalExecutor()
         self.progress = progress
+        self.info = info or {}
+        self.card = card
         self.stats: list[StepStats] = []
 
     # -- planning ----------------------------------------------------------------------
@@ -96,7 +101,7 @@ class Pipeline:
         n_shards = 0
         for i, (step, step_dir, fp) in enumerate(zip(self.steps, dirs, fps)):
             start = time.perf_counter()
-            stats = StepStats(step=step.name, fingerprint=fp, kind=step.kind)
+            stats = StepStats(step=step.name, fingerprint=fp, kind=step.kind, config=_config(step))
             if i == 0:
                 n_shards = self._run_source(step, step_dir, stats)
             elif isinstance(step, MapStep):
@@ -158,6 +163,7 @@ class Pipeline:
             shards.write_marker(step_dir, marker)
         else:
             stats.shards_cached = marker["n_shards"]
+        stats.metadata = marker.get("metadata")
         self._collect(step_dir, marker["n_shards"], stats)
         return marker["n_shards"]
 
@@ -172,19 +178,40 @@ class Pipeline:
         if stats.kind == "source":
             stats.rows_in = stats.counts.get("rows_read", stats.rows_out)
 
-    def _write_outputs(self, result: pa.Table, dirs: list[Path]) -> None:
-        summary = {"steps": [asdict(s) for s in self.stats], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        write_json(summary, self.workdir / "summary.json")
+    def output_paths(self) -> dict[str, Path] | None:
+        """Where the run's files go: a ``.parquet`` output is one file with siblings; any
+        other output is a folder in the Hub dataset layout (``data/`` + card at the root)."""
         if self.output is None:
+            return None
+        if self.output.suffix == ".parquet":
+            stem = self.output.stem
+            return {"data": self.output, "root": self.output.parent,
+                    "quarantine": self.output.with_name(f"{stem}.quarantine.parquet"),
+                    "summary": self.output.with_name(f"{stem}.summary.json")}
+        return {"data": self.output / "data" / "train-00000-of-00001.parquet", "root": self.output,
+                "quarantine": self.output / "quarantine.parquet", "summary": self.output / "summary.json"}
+
+    def summary(self) -> dict:
+        return {"steps": [asdict(s) for s in self.stats], "info": self.info,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    def _write_outputs(self, result: pa.Table, dirs: list[Path]) -> None:
+        summary = self.summary()
+        write_json(summary, self.workdir / "summary.json", redact_secrets=True)
+        paths = self.output_paths()
+        if paths is None:
             return
-        write_parquet(result, self.output)
+        write_parquet(result, paths["data"])
         quarantine = self.quarantine(dirs)
-        qpath = self.output.with_name(self.output.stem + ".quarantine.parquet")
         if quarantine is not None:
-            write_parquet(quarantine, qpath)
-        elif qpath.exists():
-            qpath.unlink()
-        write_json(summary, self.output.with_name(self.output.stem + ".summary.json"))
+            write_parquet(quarantine, paths["quarantine"])
+        else:
+            paths["quarantine"].unlink(missing_ok=True)
+        write_json(summary, paths["summary"], redact_secrets=True)
+        if self.card:
+            from prefdata.cards import write_card
+
+            write_card(paths["root"], data_files=[paths["data"]], summary=summary)
 
     def quarantine(self, dirs: list[Path] | None = None) -> pa.Table | None:
         """All quarantined rows of the run, with the step that rejected them."""

@@ -28,7 +28,7 @@ import yaml
 from prefdata.pipeline import Pipeline
 from prefdata.steps import step_class
 
-TOP_LEVEL = {"name", "workdir", "output", "shard_size", "executor", "steps", "description"}
+TOP_LEVEL = {"name", "workdir", "output", "shard_size", "executor", "steps", "description", "card"}
 
 
 class RecipeError(ValueError):
@@ -80,6 +80,7 @@ class Recipe:
             shard_size=int(self.data.get("shard_size", 64)),
             executor=executor,
             progress=progress,
+            info={"recipe": self.data, "recipe_path": self.path},
         )
 
 
