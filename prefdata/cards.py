@@ -106,7 +106,7 @@ def quality(frame: pl.LazyFrame, columns: list[str], summary: dict) -> str:
     lines = []
     for s in summary.get("steps", []):
         meta = s.get("metadata") or {}
-        if "epsilon" in meta:
+        if meta.get("epsilon") is not None:
             lines.append(f"- Estimated dataset flip rate ε = {meta['epsilon']:.4f} (step `{s['step']}`).")
     for c in ("margin", "strength", "flip_prob", "ches"):
         if c in columns:

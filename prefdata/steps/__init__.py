@@ -10,6 +10,20 @@ STEPS = {
     "sample": "prefdata.steps.sample:Sample",
     "score_cdr": "prefdata.steps.cdr:ScoreCDR",
     "build_pairs": "prefdata.steps.build:BuildPairs",
+    "import_pairs": "prefdata.steps.import_pairs:ImportPairs",
+    "import_ratings": "prefdata.steps.import_ratings:ImportRatings",
+    "export": "prefdata.steps.export:Export",
+    "noise": "prefdata.steps.noise:Noise",
+    "ches": "prefdata.steps.ches:ScoreCHES",
+    "ches_filter": "prefdata.steps.ches:CHESFilter",
+    "rationale": "prefdata.steps.rationale:Rationale",
+    "curriculum": "prefdata.steps.curriculum:Curriculum",
+    "build_lists": "prefdata.steps.lists:BuildLists",
+    "build_tree": "prefdata.steps.tree:BuildTree",
+    "tree_pairs": "prefdata.steps.tree:TreePairs",
+    "route": "prefdata.steps.route:Route",
+    "argilla_push": "prefdata.steps.human:ArgillaPush",
+    "argilla_pull": "prefdata.steps.human:ArgillaPull",
 }
 
 

@@ -77,3 +77,111 @@ def test_min_margin_and_missing_scores_are_accounted_for():
 def test_bad_strategy_is_a_clear_error():
     with pytest.raises(ValueError, match="strategy must be one of"):
         BuildPairs(strategy="best_vs_median")
+
+
+# -- all_pairs, several pairs per prompt, carried member scores ---------------------------
+def _pairs(out):
+    return sorted((r["prompt_id"], r["chosen_id"], r["rejected_id"]) for r in out.table.to_pylist())
+
+
+def test_all_pairs_known_answer_with_margin():
+    out = BuildPairs(strategy="all_pairs").process(TABLE)
+    # a: 3, 1, 0.5, -2 -> all 6 pairs; c: same text; d: tie; e: e1/e2 tie, both beat y
+    assert _pairs(out) == sorted([
+        ("a", "a1", "a2"), ("a", "a1", "a3"), ("a", "a1", "a4"), ("a", "a2", "a3"), ("a", "a2", "a4"),
+        ("a", "a4", "a3"), ("e", "e1", "e3"), ("e", "e2", "e3"),
+    ])
+    assert all(r["margin"] > 0 for r in out.table.to_pylist())
+    assert out.counts == {"pairs": 8, "prompts_without_pair": 3}
+    wide = BuildPairs(strategy="all_pairs", min_margin=2.5).process(TABLE)
+    # gaps >= 2.5: a1-a3 = 5, a1-a4 = 2.5, a2-a3 = 3, a4-a3 = 2.5 (a1-a2 = 2 is too small)
+    assert _pairs(wide) == [("a", "a1", "a3"), ("a", "a1", "a4"), ("a", "a2", "a3"), ("a", "a4", "a3")]
+    assert {r["pair_strategy"] for r in wide.table.to_pylist()} == {"all_pairs"}
+
+
+def test_all_pairs_per_prompt_keeps_the_widest_gaps():
+    out = BuildPairs(strategy="all_pairs", pairs_per_prompt=2).process(TABLE)
+    a = [(r["chosen_id"], r["rejected_id"]) for r in out.table.to_pylist() if r["prompt_id"] == "a"]
+    assert a == [("a1", "a3"), ("a2", "a3")]  # margins 5 and 3, widest first
+
+
+def test_best_vs_worst_several_pairs_and_best_vs_random_distinct_rejected():
+    out = BuildPairs(strategy="best_vs_worst", pairs_per_prompt=3).process(TABLE)
+    a = [r["rejected_id"] for r in out.table.to_pylist() if r["prompt_id"] == "a"]
+    assert a == ["a3", "a4", "a2"]  # from the worst up
+    rnd = BuildPairs(strategy="best_vs_random", pairs_per_prompt=2, seed=3).process(TABLE).table.to_pylist()
+    a = [r["rejected_id"] for r in rnd if r["prompt_id"] == "a"]
+    assert len(a) == 2 and len(set(a)) == 2 and set(a) <= {"a2", "a3", "a4"}
+    # two rejected candidates with the same text: only one of them is used
+    dup = responses([("p", "p1", "best", 3.0), ("p", "p2", "same", 1.0), ("p", "p3", "same", 0.0)])
+    out = BuildPairs(strategy="best_vs_worst", pairs_per_prompt=5).process(dup)
+    assert [r["rejected"][0]["content"] for r in out.table.to_pylist()] == ["same"]
+
+
+def test_pair_ids_are_stable_order_free_and_input_order_does_not_matter():
+    out = BuildPairs(strategy="all_pairs").process(TABLE).table
+    from prefdata.pairs import pair_ids
+    assert out["pair_id"].to_pylist() == pair_ids(out["rejected_id"], out["chosen_id"]).to_pylist()
+    shuffled = TABLE.take([11, 3, 0, 7, 5, 1, 9, 2, 4, 10, 6, 8])
+    again = BuildPairs(strategy="all_pairs").process(shuffled).table
+    assert sorted(again["pair_id"].to_pylist()) == sorted(out["pair_id"].to_pylist())
+    for seed in range(4):
+        x = BuildPairs(seed=seed).process(TABLE).table
+        y = BuildPairs(seed=seed).process(shuffled).table
+        assert sorted(x["pair_id"].to_pylist()) == sorted(y["pair_id"].to_pylist())
+    # output follows the input order of prompts
+    assert [r for r in dict.fromkeys(again["prompt_id"].to_pylist())] == ["e", "a"]
+
+
+def test_member_scores_are_carried_to_both_sides():
+    table = responses([("a", "a1", "x", 2.0), ("a", "a2", "y", 1.0)])
+    table = table.append_column("score_rm", pa.array([0.3, 0.9])).append_column("score_rm_std", pa.array([0.1, 0.2]))
+    out = BuildPairs().process(table).table.to_pylist()[0]
+    assert (out["score_rm_chosen"], out["score_rm_rejected"]) == (0.3, 0.9)
+    assert (out["score_rm_std_chosen"], out["score_rm_std_rejected"]) == (0.1, 0.2)
+    assert (out["score_cdr_chosen"], out["score_cdr_rejected"]) == (2.0, 1.0)
+    step = BuildPairs(carry=["score_rm"])
+    assert "score_rm_chosen" in step.output_columns(list(table.column_names))
+    none = BuildPairs(carry=[]).process(table).table
+    assert not [c for c in none.column_names if c.endswith("_chosen") and c != "score_chosen"]
+
+
+def test_prompt_without_scores_and_empty_input():
+    table = responses([("a", "a1", "x", None), ("a", "a2", "y", None), ("b", "b1", "u", 1.0), ("b", "b2", "v", 0.0)])
+    out = BuildPairs(strategy="all_pairs").process(table)
+    assert _pairs(out) == [("b", "b1", "b2")]
+    assert out.counts == {"pairs": 1, "prompts_without_pair": 1}
+    assert out.quarantine.num_rows == 2
+    empty = BuildPairs(strategy="all_pairs").process(table.slice(0, 0))
+    assert empty.table.num_rows == 0 and empty.table.schema.field("chosen").type == PAIR.field("chosen").type
+
+
+def test_pairs_per_prompt_must_be_positive():
+    with pytest.raises(ValueError, match="pairs_per_prompt"):
+        BuildPairs(pairs_per_prompt=0)
+
+
+def test_a_hash_collision_between_prompts_falls_back_to_exact_groups(monkeypatch):
+    import polars as pl
+    from prefdata.steps import build
+
+    expected = _pairs(BuildPairs(strategy="all_pairs").process(TABLE))
+    monkeypatch.setattr(build, "_group_keys", lambda ids: pl.Series([0] * len(ids), dtype=pl.UInt64))
+    assert _pairs(BuildPairs(strategy="all_pairs").process(TABLE)) == expected
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_all_pairs_matches_brute_force_on_long_and_scattered_prompts(shuffle):
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    rows = [(f"p{p}", f"p{p}r{j}", f"text {rng.integers(0, 30)}", float(np.round(rng.normal(), 1)))
+            for p in range(30) for j in range(int(rng.integers(1, 40)))]  # runs up to 39 long
+    if shuffle:
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+    for delta in (0.0, 0.5):
+        got = {(r["chosen_id"], r["rejected_id"])
+               for r in BuildPairs(strategy="all_pairs", min_margin=delta).process(responses(rows)).table.to_pylist()}
+        expected = {(a[1], b[1]) for a in rows for b in rows
+                    if a[0] == b[0] and a[3] > b[3] and a[3] - b[3] >= delta and a[2] != b[2]}
+        assert got == expected
