@@ -2,7 +2,9 @@
 
 Steps ask ``load_model`` for a model by name; two steps (or the strong and weak side of
 one step) that name the same model, backend, device and dtype share one copy of the
-weights.
+weights. ``backend="api"`` talks to an OpenAI-compatible chat-completions server (vLLM,
+TGI, a hosted API) instead of loading weights. ``load_reward_model`` does the same for
+sequence-classification reward models.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from typing import Any
 
 from prefdata.models.base import LanguageModel, LogProb, Sampling
 
-__all__ = ["LanguageModel", "LogProb", "Sampling", "load_model", "clear_cache", "check_backend"]
+__all__ = ["LanguageModel", "LogProb", "Sampling", "load_model", "load_reward_model", "clear_cache",
+           "check_backend"]
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "transformers", "vllm")
+BACKENDS = ("auto", "transformers", "vllm", "api")
 VLLM_MISSING = "the vLLM backend needs vllm and a CUDA GPU: pip install 'prefdata[vllm]'"
 
 _CACHE: dict[tuple, Any] = {}
@@ -58,10 +61,20 @@ def load_model(
 
     ``batch_size`` (transformers only; vLLM schedules its own batches) is not part of the
     identity: a caller with another batch size gets a light copy sharing the weights.
+    With ``backend="api"`` the keyword arguments (``base_url``, ``api_key_env``,
+    ``concurrency``, ``timeout``, ``max_retries`` …) go to ``ApiLM``; device and dtype are
+    ignored.
     """
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     backend = resolve_backend(backend, device)
+    if backend == "api":
+        from prefdata.models.api_backend import ApiLM
+
+        key = (name, backend, tuple(sorted((k, repr(v)) for k, v in kw.items())))
+        if key not in _CACHE:
+            _CACHE[key] = ApiLM(name, **kw)
+        return _CACHE[key]
     if backend == "transformers":
         from prefdata.models.transformers_backend import TransformersLM as cls
         from prefdata.models.transformers_backend import resolve_device
@@ -76,6 +89,27 @@ def load_model(
         _CACHE[key] = cls(name, device=device, dtype=dtype, **kw)
     model = _CACHE[key]
     if batch_size is not None and backend == "transformers" and model.batch_size != batch_size:
+        model = copy.copy(model)
+        model.batch_size = batch_size
+    return model
+
+
+def load_reward_model(
+    name: str, device: str = "auto", dtype: str = "auto", batch_size: int | None = None, **kw: Any
+):
+    """A loaded sequence-classification reward model, shared like ``load_model``'s."""
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    from prefdata.models.reward_backend import RewardModel
+    from prefdata.models.transformers_backend import resolve_device
+
+    device = resolve_device(device)
+    key = (name, "reward", device, dtype, tuple(sorted(kw.items())))
+    if key not in _CACHE:
+        log.info("loading reward model %s (%s, %s)", name, device, dtype)
+        _CACHE[key] = RewardModel(name, device=device, dtype=dtype, **kw)
+    model = _CACHE[key]
+    if batch_size is not None and model.batch_size != batch_size:
         model = copy.copy(model)
         model.batch_size = batch_size
     return model

@@ -3,6 +3,14 @@
 Work is batched by token length so a batch pads only to its own longest member, and
 log-probabilities are computed only where a response token is predicted: the lm_head
 (vocabulary-sized) runs on those positions alone, never on the prompt.
+
+Scoring shares prompts: the items of a call are grouped by identical prompt tokens, each
+prompt runs once (``use_cache=True``), and its N responses run as one batch continuing
+from that KV cache (the cache rows repeated along the batch). A prompt three times as
+long as its responses is then computed once instead of N times. Prompts and responses
+are both right-padded, so no query row is ever fully masked; position ids are explicit.
+``share_prompts=False`` (or a sliding-window model whose items outgrow its window)
+takes the plain path: one padded prompt+response row per item.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ class TransformersLM:
         batch_size: int = 16,
         trust_remote_code: bool = False,
         max_length: int | None = None,
+        share_prompts: bool = True,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -57,6 +66,7 @@ class TransformersLM:
         self.eos_ids = _eos_ids(self.tokenizer, self.model)
         self.pad_id = self.tokenizer.pad_token_id
         self.max_length = max_length or _context_length(self.model.config)
+        self.share_prompts = share_prompts
 
     # -- the protocol ---------------------------------------------------------------------
     def generate(self, conversations: list[Conversation], n: int, sampling: Sampling) -> list[list[str]]:
@@ -146,27 +156,92 @@ class TransformersLM:
             raise ValueError(
                 f"got {len(conversations)} conversations but {len(responses)} responses"
             )
-        prompts = [self._prompt_ids(c) for c in conversations]
+        prompts = self._prompt_ids_many(conversations)
         answers = [self._response_ids(r) for r in responses]
         lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
         for i, length in enumerate(lengths):
             self._check_length(i, length, "prompt + response")
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        window = _sliding_window(self.model.config)
+        shared = self.share_prompts and (window is None or max(lengths, default=0) <= window)
+        batches = self._shared_batches if shared else self._plain_batches
         with torch.inference_mode():
-            for batch in _progress(_chunks(order, self.batch_size), f"{want} {self.name}"):
-                ids, mask = _pad([prompts[i] + answers[i] for i in batch], self.pad_id, left=False)
-                rows, cols = _predicting_positions([len(prompts[i]) for i in batch],
-                                                   [len(answers[i]) for i in batch])
-                hidden = self.model.base_model(
-                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
-                ).last_hidden_state
-                picked = hidden[rows.to(self.device), cols.to(self.device)]
+            for batch, picked in batches(prompts, answers, want):
                 targets = [answers[i] for i in batch]
                 if want == "hidden":
                     yield batch, targets, picked
                 else:
                     flat = torch.tensor([t for a in targets for t in a], device=self.device)
                     yield batch, targets, self._target_logprobs(picked, flat)
+
+    def _plain_batches(self, prompts, answers, want: str) -> Iterator:
+        """One right-padded prompt+response row per item, longest first."""
+        lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        for batch in _progress(_chunks(order, self.batch_size), f"{want} {self.name}"):
+            ids, mask = _pad([prompts[i] + answers[i] for i in batch], self.pad_id, left=False)
+            rows, cols = _predicting_positions([len(prompts[i]) for i in batch],
+                                               [len(answers[i]) for i in batch])
+            hidden = self.model.base_model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
+            ).last_hidden_state
+            yield batch, hidden[rows.to(self.device), cols.to(self.device)]
+
+    def _shared_batches(self, prompts, answers, want: str) -> Iterator:
+        """Each distinct prompt once, its responses continuing from its KV cache.
+
+        A batch holds whole prompt groups (a group larger than ``batch_size`` is split) and
+        at most ``batch_size`` responses; groups are sorted by prompt length, then by their
+        longest response, so both passes pad only to near-equal lengths.
+        """
+        import torch
+        from transformers import DynamicCache
+
+        for batch_groups in _progress(_prompt_batches(prompts, answers, self.batch_size),
+                                      f"{want} {self.name}"):
+            group_prompts = [prompts[items[0]] for items in batch_groups]
+            batch = [i for items in batch_groups for i in items]
+            ids, mask = _pad(group_prompts, self.pad_id, left=False)
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            plen = mask.sum(1)
+            positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
+            out = self.model.base_model(
+                input_ids=ids, attention_mask=mask, position_ids=positions,
+                past_key_values=DynamicCache(config=self.model.config), use_cache=True,
+            )
+            last = out.last_hidden_state[torch.arange(len(group_prompts), device=self.device), plen - 1]
+            # The response pass reads every response token but the last (it predicts nothing).
+            inputs = [answers[i][:-1] for i in batch]
+            group = torch.tensor([g for g, items in enumerate(batch_groups) for _ in items],
+                                 device=self.device)
+            width = max(len(a) for a in inputs)
+            index = _shared_index([len(a) for a in inputs], group.cpu(), len(group_prompts), width)
+            if width == 0:
+                yield batch, last[index.to(self.device)]
+                continue
+            cache = out.past_key_values
+            cache.batch_select_indices(group)
+            rids, rmask = _pad(inputs, self.pad_id, left=False)
+            rids, rmask = rids.to(self.device), rmask.to(self.device)
+            rpos = plen[group][:, None] + torch.arange(width, device=self.device)[None]
+            hidden = self.model.base_model(
+                input_ids=rids, attention_mask=torch.cat([mask[group], rmask], 1),
+                position_ids=rpos, past_key_values=cache, use_cache=True,
+            ).last_hidden_state
+            both = torch.cat([last, hidden.reshape(-1, hidden.shape[-1])])
+            yield batch, both[index.to(self.device)]
+
+    def _prompt_ids_many(self, conversations) -> list[list[int]]:
+        """Template each distinct conversation once (a prompt's N responses share it)."""
+        import json
+
+        seen: dict[str, list[int]] = {}
+        out = []
+        for c in conversations:
+            key = json.dumps(list(c), sort_keys=True, ensure_ascii=False)
+            if key not in seen:
+                seen[key] = self._prompt_ids(c)
+            out.append(seen[key])
+        return out
 
     def _target_logprobs(self, hidden, targets):
         """log-softmax of the lm_head output, only at the given positions, in chunks."""
@@ -246,6 +321,50 @@ def _predicting_positions(prompt_lens: Sequence[int], answer_lens: Sequence[int]
         torch.cumsum(counts, 0) - counts, counts
     )
     return rows, starts + offsets
+
+
+def _prompt_batches(prompts, answers, batch_size: int) -> list[list[list[int]]]:
+    """Batches of prompt groups (item indices sharing identical prompt tokens)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(tuple(p), []).append(i)
+    units = []
+    for items in groups.values():
+        items = sorted(items, key=lambda i: -len(answers[i]))
+        units.extend(_chunks(items, batch_size))
+    units.sort(key=lambda u: (-len(prompts[u[0]]), -len(answers[u[0]])))
+    batches, current, size = [], [], 0
+    for unit in units:
+        if current and size + len(unit) > batch_size:
+            batches.append(current)
+            current, size = [], 0
+        current.append(unit)
+        size += len(unit)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _shared_index(input_lens: Sequence[int], group, n_groups: int, width: int):
+    """Where each predicting position sits in ``cat([prompt last states, response states])``.
+
+    Response token 0 is predicted by its prompt's last state; token k > 0 by response
+    state k - 1 of its row (rows of ``width`` states, after the ``n_groups`` prompt rows).
+    """
+    import torch
+
+    parts = []
+    for row, n in enumerate(input_lens):
+        parts.append(group[row:row + 1])
+        parts.append(n_groups + row * width + torch.arange(n))
+    return torch.cat(parts)
+
+
+def _sliding_window(config) -> int | None:
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    window = getattr(config, "sliding_window", None)
+    return window if isinstance(window, int) and window > 0 else None
 
 
 def _pad(seqs: list[list[int]], pad_id: int, left: bool):

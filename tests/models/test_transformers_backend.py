@@ -135,3 +135,70 @@ def test_nucleus_sampler_draws_inside_the_transformers_nucleus():
     for _ in range(20):
         chosen = torch.isfinite(sampler(None, scores))
         assert (chosen.sum(-1) == 1).all() and nucleus[chosen].all()
+
+
+# -- prefix sharing: each prompt once, its responses continuing from its KV cache ------------
+GROUPED = [  # several responses per prompt, lengths varied, one empty (eos only)
+    (CONVERSATIONS[1], ["La Volga.", "", "Le Danube, puis le Rhin; la Volga est la plus longue."]),
+    (CONVERSATIONS[0], ["Hello there!", "Hi! How can I help you today?"]),
+    (CONVERSATIONS[2], ["12", "Twelve.", "4 times 3 is 12.", "36"]),
+]
+
+
+def _flat(grouped):
+    convs = [c for c, rs in grouped for _ in rs]
+    resps = [r for _, rs in grouped for r in rs]
+    return convs, resps
+
+
+@pytest.fixture(scope="module")
+def unshared(tiny_dir):
+    return load_model(tiny_dir, backend="transformers", device="cpu", dtype="float32", share_prompts=False)
+
+
+@pytest.mark.parametrize("batch_size", [2, 16])
+def test_shared_prompts_equal_unshared_and_direct(tiny_dir, unshared, batch_size):
+    shared = load_model(tiny_dir, backend="transformers", device="cpu", dtype="float32", batch_size=batch_size)
+    assert shared.share_prompts and not unshared.share_prompts
+    convs, resps = _flat(GROUPED)
+    # interleave prompts so groups are not adjacent in the input
+    order = [0, 3, 5, 1, 4, 6, 2, 7, 8]
+    convs, resps = [convs[i] for i in order], [resps[i] for i in order]
+    got, plain = shared.logprobs(convs, resps), unshared.logprobs(convs, resps)
+    for conv, resp, a, b in zip(convs, resps, got, plain):
+        total, count, _ = _direct(shared, conv, resp)
+        assert a.n_tokens == b.n_tokens == count
+        assert a.sum == pytest.approx(b.sum, abs=1e-4) and a.sum == pytest.approx(total, abs=1e-4)
+    hs, hp = shared.hidden_states(convs, resps), unshared.hidden_states(convs, resps)
+    for conv, resp, a, b in zip(convs, resps, hs, hp):
+        _, count, expected = _direct(shared, conv, resp)
+        assert a.shape == b.shape == (count, shared.model.config.hidden_size)
+        np.testing.assert_allclose(a, expected, atol=1e-4)
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_shared_path_runs_each_prompt_once_and_pads_only_to_its_batch(tiny):
+    """Token count through the model: each distinct prompt once, responses minus their last token."""
+    convs, resps = _flat(GROUPED)
+    calls = []
+    hook = tiny.model.base_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        tiny.logprobs(convs, resps)
+    finally:
+        hook.remove()
+    prompt_lens = [len(tiny._prompt_ids(c)) for c, _ in GROUPED]
+    answer_lens = [len(tiny._response_ids(r)) for r in resps]
+    # batch_size 16 holds everything: one prompt pass, one response pass
+    assert calls[0] == (len(GROUPED), max(prompt_lens))
+    assert calls[1] == (len(resps), max(answer_lens) - 1)
+    assert len(calls) == 2
+
+
+def test_groups_larger_than_a_batch_are_split(tiny_dir, unshared):
+    small = load_model(tiny_dir, backend="transformers", device="cpu", dtype="float32", batch_size=3)
+    conv = CONVERSATIONS[1]
+    resps = [f"Answer number {k}." + " more" * k for k in range(7)]
+    got, plain = small.logprobs([conv] * 7, resps), unshared.logprobs([conv] * 7, resps)
+    for a, b in zip(got, plain):
+        assert a.sum == pytest.approx(b.sum, abs=1e-4)
