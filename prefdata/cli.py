@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=int, help="only the first N prompts")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe value: workdir=..., sample.n=8, steps.1.n=8")
+    run.add_argument("--executor", choices=["local", "ray"],
+                     help="where map steps run (overrides the recipe's 'executor'); ray needs 'prefdata[ray]'")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 
@@ -78,7 +80,7 @@ def cmd_run(args) -> int:
     if args.output:
         overrides.append(f"output={args.output}")
     recipe = Recipe.load(args.recipe, overrides, limit=args.limit)
-    pipeline = recipe.build(progress=not args.no_progress)
+    pipeline = recipe.build(progress=not args.no_progress, executor_name=args.executor)
     result = pipeline.run()
     print(format_summary(pipeline.stats))
     if pipeline.output:

@@ -5,6 +5,7 @@ name: quickstart
 workdir: work/quickstart
 output: out/pairs.parquet
 shard_size: 4
+executor: local            # or ray, or {name: ray, num_actors: 2, num_cpus_per_actor: 0.5}
 steps:
   - step: load_prompts
     path: pipelines/data/quickstart_prompts.jsonl
@@ -14,7 +15,9 @@ steps:
 
 ``--set key=value`` overrides a top-level key (``workdir=...``) or a step option by step
 name or index (``sample.n=8``, ``steps.1.n=8``); values are parsed as YAML. Unknown keys
-and wrong types are errors.
+and wrong types are errors. ``executor`` names where map steps run: ``local`` (the
+default) or ``ray``, as a name or a mapping with its options; ``--executor`` overrides the
+name (keeping the recipe's options when the name is the same).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from prefdata.executors import make_executor
 from prefdata.pipeline import Pipeline
 from prefdata.steps import step_class
 
@@ -64,7 +68,10 @@ class Recipe:
             data["steps"][0]["limit"] = limit
         return cls(str(path), data)
 
-    def build(self, executor=None, progress: bool = True) -> Pipeline:
+    def build(self, executor=None, progress: bool = True, executor_name: str | None = None) -> Pipeline:
+        """The pipeline; ``executor`` (an object) wins over ``executor_name`` and the recipe's key."""
+        if executor is None:
+            executor = recipe_executor(self.data.get("executor"), self.path, executor_name)
         steps = []
         for i, spec in enumerate(self.data["steps"]):
             options = {k: v for k, v in spec.items() if k != "step"}
@@ -82,6 +89,26 @@ class Recipe:
             progress=progress,
             info={"recipe": self.data, "recipe_path": self.path},
         )
+
+
+def recipe_executor(spec, where: str = "recipe", name: str | None = None):
+    """An executor from a recipe's ``executor:`` (a name or ``{name: ..., option: ...}``)."""
+    if spec is None:
+        spec = "local"
+    if isinstance(spec, str):
+        spec_name, options = spec, {}
+    elif isinstance(spec, dict) and isinstance(spec.get("name"), str):
+        options = {k: v for k, v in spec.items() if k != "name"}
+        spec_name = spec["name"]
+    else:
+        raise RecipeError(f"recipe {where}: executor must be a name (local, ray) or a mapping with a "
+                          f"'name' key, e.g. {{name: ray, num_actors: 2}}; got {spec!r}")
+    if name is not None and name != spec_name:
+        spec_name, options = name, {}
+    try:
+        return make_executor(spec_name, **options)
+    except (ValueError, TypeError, ImportError) as exc:
+        raise RecipeError(f"recipe {where}: executor: {exc}") from None
 
 
 def apply_override(data: dict, item: str, where: str = "recipe") -> None:
