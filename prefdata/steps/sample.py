@@ -34,6 +34,7 @@ class SampleConfig:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 16
+    append: bool = False
 
 
 class Sample(MapStep):
@@ -63,10 +64,13 @@ class Sample(MapStep):
 
     def output_columns(self, columns: list[str]) -> list[str]:
         clash = [c for c in NEW_COLUMNS if c in columns]
+        if self.config.append and len(clash) == len(NEW_COLUMNS):
+            return list(columns)
         if clash:
             raise ValueError(
                 f"step 'sample': the input already has column(s) {clash}; sample reads prompt "
-                "rows, so drop or rename them first"
+                "rows, so drop or rename them first, or set append: true to add more responses "
+                "(another generator or temperature) to a response table"
             )
         return list(columns) + NEW_COLUMNS
 
@@ -81,8 +85,14 @@ class Sample(MapStep):
 
     def process(self, table: pa.Table) -> pa.Table:
         self.output_columns(table.column_names)
+        if self.config.append and "response_id" in table.column_names:
+            return self._append(table)
         if table.num_rows == 0:
             return _empty(table.schema)
+        return self._generate(table, np.zeros(table.num_rows, dtype=np.int64))
+
+    def _generate(self, table: pa.Table, first_index: np.ndarray) -> pa.Table:
+        """``n`` response rows per prompt row, numbered from ``first_index`` of that prompt."""
         if self.model is None:
             self.setup()
         c = self.config
@@ -94,7 +104,7 @@ class Sample(MapStep):
         replies = self.model.generate(table.column("prompt").to_pylist(), c.n, sampling)
         texts = [text for per_prompt in replies for text in per_prompt]
         out = table.take(pa.array(np.repeat(np.arange(table.num_rows), c.n)))
-        sample_index = np.tile(np.arange(c.n, dtype=np.int64), table.num_rows)
+        sample_index = np.tile(np.arange(c.n, dtype=np.int64), table.num_rows) + np.repeat(first_index, c.n)
         ids = [
             schema.response_id(pid, c.model, text, int(k))
             for pid, text, k in zip(out.column("prompt_id").to_pylist(), texts, sample_index)
@@ -109,6 +119,23 @@ class Sample(MapStep):
         )
         log.info("sampled %d responses for %d prompts", rows, table.num_rows)
         return schema.conform(out, schema.RESPONSE)
+
+    def _append(self, responses: pa.Table) -> pa.Table:
+        """Sample for each prompt of a response table and add the rows after the prompt's
+        own, numbered after its existing samples (another generator or temperature)."""
+        import polars as pl
+
+        df = pl.from_arrow(responses).with_row_index("_row")
+        prompt_level = [c for c in responses.column_names if c not in NEW_COLUMNS and not c.startswith("score_")]
+        first = df.group_by("prompt_id", maintain_order=True).agg(
+            pl.col("_row").first(), pl.col("sample_index").max().alias("_last"))
+        prompts = responses.take(pa.array(first["_row"].to_numpy())).select(prompt_level)
+        fresh = self._generate(prompts, first["_last"].to_numpy().astype(np.int64) + 1)
+        rank = first.select("prompt_id", pl.int_range(pl.len()).alias("_rank"))
+        merged = pl.concat([df.drop("_row"), pl.from_arrow(fresh)], how="diagonal_relaxed").with_row_index("_row")
+        order = merged.join(rank, on="prompt_id", how="left").sort(["_rank", "_row"]).get_column("_row")
+        table = merged.drop("_row").to_arrow().take(pa.array(order.to_numpy()))
+        return schema.conform(table.select(responses.column_names), schema.RESPONSE)
 
 
 def shard_seed(seed: int, prompt_ids: list[str]) -> int:

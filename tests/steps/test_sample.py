@@ -63,3 +63,18 @@ def test_empty_shard_and_bad_config():
         Sample(samples=3)
     with pytest.raises(ValueError, match="already has column"):
         _step().process(_prompt_table().append_column("response", pa.array(["a", "b"])))
+
+
+def test_append_adds_a_second_temperature_after_each_prompts_samples():
+    first = _step(n=2, max_new_tokens=4, temperature=0.7, seed=1).process(_prompt_table())
+    both = _step(n=3, max_new_tokens=4, temperature=1.0, seed=2, append=True).process(first)
+    ids = [schema.prompt_id(p) for p in PROMPTS]
+    assert both.num_rows == 2 * (2 + 3)
+    assert both.slice(0, 2).equals(first.slice(0, 2))  # the prompt's own samples come first, unchanged
+    assert both["prompt_id"].to_pylist() == [ids[0]] * 5 + [ids[1]] * 5
+    assert both["sample_index"].to_pylist() == [0, 1, 2, 3, 4] * 2
+    temps = [s["temperature"] for s in both["sampling"].to_pylist()]
+    assert temps == [0.7, 0.7, 1.0, 1.0, 1.0] * 2
+    assert len(set(both["response_id"].to_pylist())) == 10
+    with pytest.raises(ValueError, match="append: true"):
+        _step().output_columns(list(first.column_names))
