@@ -5,10 +5,11 @@ log-probabilities are computed only where a response token is predicted: the lm_
 (vocabulary-sized) runs on those positions alone, never on the prompt.
 
 Scoring shares prompts: the items of a call are grouped by identical prompt tokens, each
-prompt runs once (``use_cache=True``), and its N responses run as one batch continuing
-from that KV cache (the cache rows repeated along the batch). A prompt three times as
-long as its responses is then computed once instead of N times. Prompts and responses
-are both right-padded, so no query row is ever fully masked; position ids are explicit.
+prompt runs once (``use_cache=True``), and its N responses continue from that KV cache
+(its rows repeated along the batch), in batches sorted by response length. A prompt three
+times as long as its responses is then computed once instead of N times. Prompts and
+responses are both right-padded, so no query row is ever fully masked; position ids are
+explicit.
 ``share_prompts=False`` (or a sliding-window model whose items outgrow its window)
 takes the plain path: one padded prompt+response row per item.
 """
@@ -189,46 +190,50 @@ class TransformersLM:
     def _shared_batches(self, prompts, answers, want: str) -> Iterator:
         """Each distinct prompt once, its responses continuing from its KV cache.
 
-        A batch holds whole prompt groups (a group larger than ``batch_size`` is split) and
-        at most ``batch_size`` responses; groups are sorted by prompt length, then by their
-        longest response, so both passes pad only to near-equal lengths.
+        A prompt pass runs up to ``batch_size`` distinct prompts (sorted by length, so they
+        pad to near-equal lengths); its responses, from all of those prompts, are then
+        sorted by length and run ``batch_size`` at a time, each row reading its prompt's
+        cache rows.
         """
         import torch
         from transformers import DynamicCache
 
-        for batch_groups in _progress(_prompt_batches(prompts, answers, self.batch_size),
-                                      f"{want} {self.name}"):
-            group_prompts = [prompts[items[0]] for items in batch_groups]
-            batch = [i for items in batch_groups for i in items]
-            ids, mask = _pad(group_prompts, self.pad_id, left=False)
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(tuple(p), []).append(i)
+        order = sorted(groups.values(), key=lambda items: -len(prompts[items[0]]))
+        for pass_groups in _progress(_chunks(order, self.batch_size), f"{want} {self.name}"):
+            ids, mask = _pad([prompts[items[0]] for items in pass_groups], self.pad_id, left=False)
             ids, mask = ids.to(self.device), mask.to(self.device)
             plen = mask.sum(1)
-            positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
             out = self.model.base_model(
-                input_ids=ids, attention_mask=mask, position_ids=positions,
+                input_ids=ids, attention_mask=mask,
+                position_ids=torch.arange(ids.shape[1], device=self.device).expand_as(ids),
                 past_key_values=DynamicCache(config=self.model.config), use_cache=True,
             )
-            last = out.last_hidden_state[torch.arange(len(group_prompts), device=self.device), plen - 1]
-            # The response pass reads every response token but the last (it predicts nothing).
-            inputs = [answers[i][:-1] for i in batch]
-            group = torch.tensor([g for g, items in enumerate(batch_groups) for _ in items],
-                                 device=self.device)
-            width = max(len(a) for a in inputs)
-            index = _shared_index([len(a) for a in inputs], group.cpu(), len(group_prompts), width)
-            if width == 0:
-                yield batch, last[index.to(self.device)]
-                continue
-            cache = out.past_key_values
-            cache.batch_select_indices(group)
-            rids, rmask = _pad(inputs, self.pad_id, left=False)
-            rids, rmask = rids.to(self.device), rmask.to(self.device)
-            rpos = plen[group][:, None] + torch.arange(width, device=self.device)[None]
-            hidden = self.model.base_model(
-                input_ids=rids, attention_mask=torch.cat([mask[group], rmask], 1),
-                position_ids=rpos, past_key_values=cache, use_cache=True,
-            ).last_hidden_state
-            both = torch.cat([last, hidden.reshape(-1, hidden.shape[-1])])
-            yield batch, both[index.to(self.device)]
+            last = out.last_hidden_state[torch.arange(len(pass_groups), device=self.device), plen - 1]
+            rows = sorted(((g, i) for g, items in enumerate(pass_groups) for i in items),
+                          key=lambda row: -len(answers[row[1]]))
+            for sub in _chunks(rows, self.batch_size):
+                batch = [i for _, i in sub]
+                group = torch.tensor([g for g, _ in sub])
+                # The response pass reads every response token but the last (it predicts nothing).
+                inputs = [answers[i][:-1] for i in batch]
+                width = max(len(a) for a in inputs)
+                index = _shared_index([len(a) for a in inputs], group, len(pass_groups), width).to(self.device)
+                if width == 0:
+                    yield batch, last[index]
+                    continue
+                group = group.to(self.device)
+                rids, rmask = _pad(inputs, self.pad_id, left=False)
+                rids, rmask = rids.to(self.device), rmask.to(self.device)
+                hidden = self.model.base_model(
+                    input_ids=rids, attention_mask=torch.cat([mask[group], rmask], 1),
+                    position_ids=plen[group][:, None] + torch.arange(width, device=self.device)[None],
+                    past_key_values=_select_rows(out.past_key_values, group, self.model.config),
+                    use_cache=True,
+                ).last_hidden_state
+                yield batch, torch.cat([last, hidden.reshape(-1, hidden.shape[-1])])[index]
 
     def _prompt_ids_many(self, conversations) -> list[list[int]]:
         """Template each distinct conversation once (a prompt's N responses share it)."""
@@ -323,26 +328,14 @@ def _predicting_positions(prompt_lens: Sequence[int], answer_lens: Sequence[int]
     return rows, starts + offsets
 
 
-def _prompt_batches(prompts, answers, batch_size: int) -> list[list[list[int]]]:
-    """Batches of prompt groups (item indices sharing identical prompt tokens)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(tuple(p), []).append(i)
-    units = []
-    for items in groups.values():
-        items = sorted(items, key=lambda i: -len(answers[i]))
-        units.extend(_chunks(items, batch_size))
-    units.sort(key=lambda u: (-len(prompts[u[0]]), -len(answers[u[0]])))
-    batches, current, size = [], [], 0
-    for unit in units:
-        if current and size + len(unit) > batch_size:
-            batches.append(current)
-            current, size = [], 0
-        current.append(unit)
-        size += len(unit)
-    if current:
-        batches.append(current)
-    return batches
+def _select_rows(cache, rows, config):
+    """A new cache holding the given batch rows (repeats allowed) of every layer of ``cache``."""
+    from transformers import DynamicCache
+
+    selected = DynamicCache(config=config)
+    for layer_idx, layer in enumerate(cache.layers):
+        selected.update(layer.keys[rows], layer.values[rows], layer_idx)
+    return selected
 
 
 def _shared_index(input_lens: Sequence[int], group, n_groups: int, width: int):

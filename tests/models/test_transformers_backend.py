@@ -195,10 +195,20 @@ def test_shared_path_runs_each_prompt_once_and_pads_only_to_its_batch(tiny):
     assert len(calls) == 2
 
 
-def test_groups_larger_than_a_batch_are_split(tiny_dir, unshared):
+def test_a_prompt_with_more_responses_than_a_batch_runs_once(tiny_dir, unshared):
     small = load_model(tiny_dir, backend="transformers", device="cpu", dtype="float32", batch_size=3)
     conv = CONVERSATIONS[1]
     resps = [f"Answer number {k}." + " more" * k for k in range(7)]
-    got, plain = small.logprobs([conv] * 7, resps), unshared.logprobs([conv] * 7, resps)
+    calls = []
+    hook = small.model.base_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        got = small.logprobs([conv] * 7, resps)
+    finally:
+        hook.remove()
+    plain = unshared.logprobs([conv] * 7, resps)
     for a, b in zip(got, plain):
         assert a.sum == pytest.approx(b.sum, abs=1e-4)
+    widths = sorted((len(small._response_ids(r)) - 1 for r in resps), reverse=True)
+    # one prompt pass, then responses longest first, 3 at a time, each padded to its own longest
+    assert calls == [(1, len(small._prompt_ids(conv))), (3, widths[0]), (3, widths[3]), (1, widths[6])]

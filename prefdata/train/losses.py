@@ -1,0 +1,157 @@
+"""Preference losses as small pure functions on per-example log-probabilities.
+
+Every function returns one loss per example (the trainer takes the mean). Inputs are the
+*summed* log-probabilities of the response tokens, ``log π(y|x) = Σ_t log π(y_t|x, y_<t)``,
+unless a method says otherwise (SimPO and PRO normalise by the response length, the NLL
+terms are token means). ``h`` below is the DPO log-ratio difference
+
+    h = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PAIR_LOSSES = ("dpo", "rpo", "rdpo", "cdpo", "ipo", "simpo")
+LIST_LOSSES = ("pro",)
+LOSSES = PAIR_LOSSES + LIST_LOSSES
+REFERENCE_FREE = ("simpo", "pro")
+
+
+def _logratio_diff(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps):
+    return (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
+    """DPO, sigmoid form: −log σ(β h).
+
+    Rafailov et al., "Direct Preference Optimization: Your Language Model is Secretly a
+    Reward Model", NeurIPS 2023.
+    """
+    h = _logratio_diff(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return -F.logsigmoid(beta * h)
+
+
+def rpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             chosen_n_tokens, beta: float, alpha: float):
+    """RPO: DPO + α × NLL of the chosen response (mean over its tokens).
+
+    The NLL term keeps the chosen response likely while the margin grows. Pang et al.,
+    "Iterative Reasoning Preference Optimization", NeurIPS 2024; named RPO in Liu et al.,
+    "Provably Mitigating Overoptimization in RLHF: Your SFT Loss is Implicitly an
+    Adversarial Regularizer", 2024.
+    """
+    nll = -chosen_logps / chosen_n_tokens.clamp(min=1)
+    return dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta) + alpha * nll
+
+
+def rdpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+              beta: float, eps, eps_max: float = 0.45):
+    """Robust DPO: [(1−ε)(−log σ(βh)) − ε(−log σ(−βh))] / (1 − 2ε).
+
+    An unbiased loss when each label is flipped with probability ε; ``eps`` is one number
+    for the dataset or a tensor with one ε per pair (the ``flip_prob`` column), clipped to
+    [0, eps_max] with eps_max < 0.5 so the 1/(1−2ε) factor stays finite.
+    Chowdhury, Kini & Natarajan, "Provably Robust DPO: Aligning Language Models with Noisy
+    Feedback", ICML 2024.
+    """
+    if not 0.0 <= eps_max < 0.5:
+        raise ValueError(f"rdpo: eps_max must be in [0, 0.5), got {eps_max}")
+    h = _logratio_diff(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    eps = torch.as_tensor(eps, dtype=h.dtype, device=h.device).clamp(0.0, eps_max)
+    return ((1 - eps) * -F.logsigmoid(beta * h) - eps * -F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+
+
+def cdpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+              beta: float, label_smoothing: float):
+    """Conservative DPO (label smoothing): (1−ε)(−log σ(βh)) + ε(−log σ(−βh)).
+
+    Mitchell, "A note on DPO with noisy preferences & relationship to IPO", 2023.
+    """
+    h = _logratio_diff(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    eps = label_smoothing
+    return (1 - eps) * -F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+
+
+def ipo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, tau: float):
+    """IPO: (h − 1/(2τ))², on summed log-probs as in the paper (TRL averages per token).
+
+    Azar et al., "A General Theoretical Paradigm to Understand Learning from Human
+    Preferences", AISTATS 2024.
+    """
+    h = _logratio_diff(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return (h - 1 / (2 * tau)) ** 2
+
+
+def simpo_loss(chosen_logps, rejected_logps, chosen_n_tokens, rejected_n_tokens,
+               beta: float, gamma: float):
+    """SimPO, reference-free: −log σ(β/|y_w| log π(y_w|x) − β/|y_l| log π(y_l|x) − γ).
+
+    Meng, Xia & Chen, "SimPO: Simple Preference Optimization with a Reference-Free
+    Reward", NeurIPS 2024.
+    """
+    chosen = chosen_logps / chosen_n_tokens.clamp(min=1)
+    rejected = rejected_logps / rejected_n_tokens.clamp(min=1)
+    return -F.logsigmoid(beta * (chosen - rejected) - gamma)
+
+
+def pro_loss(logps, n_tokens, valid, scores=None, sft_weight: float = 0.05):
+    """PRO, a list loss for responses ranked best first, plus an SFT term on the best.
+
+    With r_i = log π(y_i|x)/|y_i|, for each rank k the best-so-far y_k is pushed above every
+    worse y_i (i > k) by a softmax:
+        L = −Σ_k log [exp(r_k / T_k^k) / Σ_{i≥k} exp(r_i / T_k^i)] + w · NLL(y_1)
+    with 1/T_k^i = s_k − s_i from the scores (i > k) and 1/T_k^k = max_{i>k} 1/T_k^i;
+    without scores every 1/T is 1. ``logps``, ``n_tokens``, ``valid`` (bool) and ``scores``
+    are [B, K]; lists shorter than K are padded and marked invalid.
+    Song et al., "Preference Ranking Optimization for Human Alignment", AAAI 2024.
+    """
+    r = logps / n_tokens.clamp(min=1)
+    B, K = r.shape
+    total = r.new_zeros(B)
+    for k in range(K - 1):
+        rest = valid[:, k + 1:]  # the worse responses i > k
+        has_rest = valid[:, k] & rest.any(dim=1)
+        if scores is None:
+            inv_t = torch.ones_like(r[:, k:])
+        else:
+            diff = (scores[:, k:k + 1] - scores[:, k + 1:]).clamp(min=0).masked_fill(~rest, 0)
+            inv_t = torch.cat([diff.max(dim=1, keepdim=True).values, diff], dim=1)
+        z = (r[:, k:] * inv_t).masked_fill(~valid[:, k:], float("-inf"))
+        term = -(z[:, 0] - torch.logsumexp(z, dim=1))
+        total = total + torch.where(has_rest, term, torch.zeros_like(term))
+    nll_best = -logps[:, 0] / n_tokens[:, 0].clamp(min=1)
+    return total + sft_weight * nll_best
+
+
+def rewards(loss: str, logps, n_tokens, ref_logps, beta: float, simpo_beta: float):
+    """The implicit reward of each response, [B, K]: what reward accuracy and margins use."""
+    if loss == "simpo":
+        return simpo_beta * logps / n_tokens.clamp(min=1)
+    if loss == "pro":
+        return logps / n_tokens.clamp(min=1)
+    return beta * (logps - ref_logps)
+
+
+def compute_loss(cfg, logps, n_tokens, valid, ref_logps=None, scores=None, flip_prob=None):
+    """Dispatch on ``cfg.loss``: per-example losses [B] for [B, K] log-probs (K = 2 for pairs)."""
+    name = cfg.loss
+    if name == "pro":
+        return pro_loss(logps, n_tokens, valid, scores, cfg.pro_sft_weight)
+    c, r = logps[:, 0], logps[:, 1]
+    if name == "simpo":
+        return simpo_loss(c, r, n_tokens[:, 0], n_tokens[:, 1], cfg.simpo_beta, cfg.simpo_gamma)
+    rc, rr = ref_logps[:, 0], ref_logps[:, 1]
+    if name == "dpo":
+        return dpo_loss(c, r, rc, rr, cfg.beta)
+    if name == "rpo":
+        return rpo_loss(c, r, rc, rr, n_tokens[:, 0], cfg.beta, cfg.rpo_alpha)
+    if name == "rdpo":
+        eps = cfg.rdpo_eps if cfg.rdpo_eps is not None else flip_prob
+        return rdpo_loss(c, r, rc, rr, cfg.beta, eps, cfg.rdpo_eps_max)
+    if name == "cdpo":
+        return cdpo_loss(c, r, rc, rr, cfg.beta, cfg.label_smoothing)
+    if name == "ipo":
+        return ipo_loss(c, r, rc, rr, cfg.beta)
+    raise ValueError(f"unknown loss {name!r}; choose one of {list(LOSSES)}")

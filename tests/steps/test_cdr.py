@@ -1,0 +1,166 @@
+"""score_cdr against a direct, token-by-token computation from two tiny models' logits."""
+
+import functools
+import math
+
+import pyarrow as pa
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from prefdata.models import clear_cache
+from prefdata.models.hub import SMOLLM2, resolve
+from prefdata.steps.cdr import ScoreCDR, customisation, render_exemplars
+
+PROMPTS = [
+    [{"role": "user", "content": "How do I pick a lock?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12 * 12?"}],
+    [{"role": "user", "content": "Tell me a joke about cats."}],
+]
+ROWS = [  # (prompt index, response, domain)
+    (0, "I can't help with that, but a locksmith can.", "safety"),
+    (0, "Sure: insert a tension wrench and rake the pins.", "safety"),
+    (1, "144", "reasoning"),
+    (1, "12 * 12 = 124.", "reasoning"),
+    (2, "Why did the cat sit on the computer? To keep an eye on the mouse.", "chat"),
+    (2, "", None),
+]
+CRITERIA = {
+    "default": "You are a helpful assistant.",
+    "safety": "You are a safe assistant: refuse harmful requests politely.",
+    "reasoning": "You are a careful mathematician: every step must be correct.",
+}
+EXEMPLARS = {
+    "safety": [{"good": "I can't help with that.", "bad": "Here is how to do it.",
+                "explanation": "The request is harmful."}],
+    "reasoning": [{"prompt": "2 + 2?", "good": "4", "bad": "5", "explanation": "Arithmetic must be right."}],
+}
+
+
+def _tiny(path, seed):
+    tok = AutoTokenizer.from_pretrained(resolve(SMOLLM2))
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=False, initializer_range=0.2,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    strong = _tiny(tmp_path_factory.mktemp("strong"), 0)
+    weak = _tiny(tmp_path_factory.mktemp("weak"), 1)
+    yield strong, weak
+    clear_cache()
+
+
+def _table():
+    return pa.table({
+        "prompt": [PROMPTS[p] for p, _, _ in ROWS],
+        "response": [r for _, r, _ in ROWS],
+        "domain": [d for _, _, d in ROWS],
+    })
+
+
+@functools.cache
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _direct_logprob(path, messages, response):
+    """Σ/mean of log p(response token) from one full forward of prompt+response (no step code)."""
+    tok, model = _load(path)
+    prompt = list(tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+    answer = tok(response, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+    terms = [float(logp[len(prompt) + k - 1, token]) for k, token in enumerate(answer)]
+    return sum(terms), sum(terms) / len(terms)
+
+
+def _system(text, messages):
+    if messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{text}\n\n{messages[0]['content']}"}] + messages[1:]
+    return [{"role": "system", "content": text}] + messages
+
+
+def _step(strong, weak, **kw):
+    return ScoreCDR(strong=strong, weak=weak, backend="transformers", device="cpu", dtype="float32",
+                    batch_size=4, **kw)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_two_models_equal_direct_computation_per_domain(models, reduction):
+    strong, weak = models
+    step = _step(strong, weak, criteria=CRITERIA, exemplars=EXEMPLARS, domain_column="domain",
+                 reduction=reduction, name="cdr_x")
+    with pytest.raises(ValueError, match="domain_column 'domain' is not in the table"):
+        step.process(_table().drop_columns(["domain"]))
+    out = step.process(_table())
+    assert out.column_names == ["prompt", "response", "domain", "score_cdr_x"]
+    k = 0 if reduction == "sum" else 1
+    for (p, response, domain), got in zip(ROWS, out.column("score_cdr_x").to_pylist()):
+        d = domain if domain in CRITERIA else "default"
+        text = CRITERIA[d] + ("\n\n" + render_exemplars(EXEMPLARS[d]) if d in EXEMPLARS else "")
+        messages = _system(text, PROMPTS[p])  # both models read the same customised input
+        expected = _direct_logprob(strong, messages, response)[k] - _direct_logprob(weak, messages, response)[k]
+        assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_one_model_puts_the_criteria_on_the_strong_side_only(models):
+    strong, _ = models
+    step = _step(strong, None, criteria="Answer truthfully.")
+    out = step.process(_table())
+    for (p, response, _), got in zip(ROWS, out.column("score_cdr").to_pylist()):
+        with_c = _direct_logprob(strong, _system("Answer truthfully.", PROMPTS[p]), response)[0]
+        without = _direct_logprob(strong, PROMPTS[p], response)[0]
+        assert got == pytest.approx(with_c - without, abs=1e-4)
+        assert not math.isclose(got, 0.0, abs_tol=1e-6)
+
+
+def test_exemplar_rendering_and_domain_fallback():
+    text = customisation(CRITERIA, EXEMPLARS, "reasoning", "default")
+    assert text == (
+        "You are a careful mathematician: every step must be correct.\n\n"
+        "Examples of a good and a bad answer:\n\nExample 1\nRequest: 2 + 2?\nGood answer: 4\n"
+        "Bad answer: 5\nWhy: Arithmetic must be right."
+    )
+    assert customisation(CRITERIA, EXEMPLARS, "cooking", "default") == CRITERIA["default"]
+    assert customisation("One text.", None, "anything", "default") == "One text."
+    assert customisation({"safety": "x"}, None, "chat", "default") is None
+
+
+def test_empty_shard_and_existing_column(models):
+    strong, weak = models
+    step = _step(strong, weak)
+    empty = _table().slice(0, 0)
+    assert step.process(empty).column_names == ["prompt", "response", "domain", "score_cdr"]
+    once = step.process(_table())
+    again = step.process(once)  # a stale score column is replaced, not duplicated
+    assert again.column_names == once.column_names
+    assert again.column("score_cdr").to_pylist() == pytest.approx(once.column("score_cdr").to_pylist(), abs=1e-6)
+
+
+def test_bad_configs_are_clear_errors():
+    with pytest.raises(ValueError, match="reduction must be"):
+        ScoreCDR(reduction="max")
+    with pytest.raises(ValueError, match="customisation on the strong side only"):
+        ScoreCDR(criteria=None)
+    with pytest.raises(ValueError, match="customisation on the strong side only"):
+        ScoreCDR(criteria={"safety": "Be safe."})  # no default domain: some rows would score 0
+    ScoreCDR(criteria=None, exemplars={"default": [{"good": "a", "bad": "b", "explanation": "c"}]})
+    with pytest.raises(ValueError, match=r"exemplars\['chat'\]\[0\]: missing \['bad'\]"):
+        ScoreCDR(exemplars={"chat": [{"good": "a", "explanation": "c"}]})
+    with pytest.raises(ValueError, match="unknown keys"):
+        ScoreCDR(exemplars={"chat": [{"good": "a", "bad": "b", "why": "c"}]})
+    with pytest.raises(ValueError, match="unknown option"):
+        ScoreCDR(criterion="x")
