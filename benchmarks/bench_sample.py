@@ -99,6 +99,25 @@ def run_naive(conversations) -> tuple[float, list[str]]:
     return time.perf_counter() - start, texts
 
 
+def time_quickstart_rerun() -> tuple[float, bool]:
+    """Finish a small quickstart (3 prompts) in a temp workdir, then time the re-run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "prefdata.cli", "run", str(root / "pipelines/quickstart.yaml"), "--no-progress",
+               "--limit", "3", "--workdir", f"{tmp}/work", "--output", f"{tmp}/out/pairs.parquet",
+               "--set", f"load_prompts.path={root / 'pipelines/data/quickstart_prompts.jsonl'}",
+               "--set", "sample.max_new_tokens=16"]
+        subprocess.run(cmd, check=True, capture_output=True, cwd=tmp)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tmp)
+        seconds = time.perf_counter() - start
+    return seconds, "loading smollm2" in proc.stderr or "Loading weights" in proc.stderr
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -107,6 +126,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     first, cached = time_gguf_load()
     print(f"smollm2 load: first (GGUF conversion) {first:.1f} s, cached {cached:.2f} s")
+    rerun_s, loaded = time_quickstart_rerun()
+    print(f"re-run of a finished quickstart: {rerun_s:.2f} s, model loaded: {loaded}")
 
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
     table = pa.table(
