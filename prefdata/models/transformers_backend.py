@@ -113,9 +113,10 @@ class TransformersLM:
             sums = torch.zeros(len(batch), dtype=torch.float64).index_add_(
                 0, torch.repeat_interleave(torch.arange(len(batch)), counts), lp.double().cpu()
             )
-            for j, i in enumerate(batch):
+            for j, owners in enumerate(batch):
                 k = int(counts[j])
-                result[i] = LogProb(sum=float(sums[j]), mean=float(sums[j]) / k, n_tokens=k)
+                for i in owners:
+                    result[i] = LogProb(sum=float(sums[j]), mean=float(sums[j]) / k, n_tokens=k)
         return result
 
     def hidden_states(self, conversations: list[Conversation], responses: list[str]) -> list[np.ndarray]:
@@ -124,8 +125,9 @@ class TransformersLM:
         for batch, targets, h in self._response_positions(conversations, responses, want="hidden"):
             parts = h.float().cpu().numpy()
             bounds = np.cumsum([len(targets[j]) for j in range(len(batch))])[:-1]
-            for i, part in zip(batch, np.split(parts, bounds)):
-                result[i] = part
+            for owners, part in zip(batch, np.split(parts, bounds)):
+                for k, i in enumerate(owners):
+                    result[i] = part if k == 0 else part.copy()
         return result
 
     # -- internals ------------------------------------------------------------------------
@@ -146,10 +148,12 @@ class TransformersLM:
             )
 
     def _response_positions(self, conversations, responses, want: str) -> Iterator:
-        """Yield (indices, response ids, per-position values) for length-sorted batches.
+        """Yield (owners, response ids, per-position values) for length-sorted batches.
 
-        Values are log p(target) for ``logprobs`` or hidden states for ``hidden``, flat over
-        the batch's response positions, items in batch order.
+        Identical (prompt, response) items are computed once (and so come out identical);
+        ``owners[j]`` lists the input indices of the batch's j-th distinct item. Values are
+        log p(target) for ``logprobs`` or hidden states for ``hidden``, flat over the
+        batch's response positions, items in batch order.
         """
         import torch
 
@@ -162,12 +166,19 @@ class TransformersLM:
         lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
         for i, length in enumerate(lengths):
             self._check_length(i, length, "prompt + response")
+        owners: dict[tuple, list[int]] = {}
+        for i, (p, a) in enumerate(zip(prompts, answers)):
+            owners.setdefault((tuple(p), tuple(a)), []).append(i)
+        firsts = [items[0] for items in owners.values()]
+        copies = list(owners.values())
+        prompts, answers = [prompts[i] for i in firsts], [answers[i] for i in firsts]
         window = _sliding_window(self.model.config)
         shared = self.share_prompts and (window is None or max(lengths, default=0) <= window)
         batches = self._shared_batches if shared else self._plain_batches
         with torch.inference_mode():
-            for batch, picked in batches(prompts, answers, want):
-                targets = [answers[i] for i in batch]
+            for unique, picked in batches(prompts, answers, want):
+                targets = [answers[u] for u in unique]
+                batch = [copies[u] for u in unique]
                 if want == "hidden":
                     yield batch, targets, picked
                 else:

@@ -212,3 +212,19 @@ def test_a_prompt_with_more_responses_than_a_batch_runs_once(tiny_dir, unshared)
     widths = sorted((len(small._response_ids(r)) - 1 for r in resps), reverse=True)
     # one prompt pass, then responses longest first, 3 at a time, each padded to its own longest
     assert calls == [(1, len(small._prompt_ids(conv))), (3, widths[0]), (3, widths[3]), (1, widths[6])]
+
+
+def test_identical_items_are_computed_once_and_come_out_identical(tiny):
+    convs = [CONVERSATIONS[0], CONVERSATIONS[0], CONVERSATIONS[0], CONVERSATIONS[2]]
+    resps = ["Four.", "Four.", "Hi there", "Four."]
+    calls = []
+    hook = tiny.model.base_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        lp = tiny.logprobs(convs, resps)
+    finally:
+        hook.remove()
+    assert calls[0][0] == 2 and calls[1][0] == 3  # 2 distinct prompts, 3 distinct items
+    assert lp[0] == lp[1] and lp[0] != lp[3]
+    hs = tiny.hidden_states(convs, resps)
+    assert np.array_equal(hs[0], hs[1]) and hs[0] is not hs[1]
