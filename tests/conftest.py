@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random models saved to disk like a user's checkpoint.
+
+Tests load them through the same ``load_model``/``from_pretrained`` code a real model takes;
+only the weights are random and the sizes tiny.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def make_tiny_llama(path: str | Path, seed: int = 0, *, hidden_size: int = 64, layers: int = 2,
+                    max_positions: int = 512, tie_embeddings: bool = False,
+                    init_range: float = 0.2, head: str = "causal_lm", num_labels: int = 1,
+                    **config_overrides) -> str:
+    """Save a random Llama with SmolLM2's tokenizer to ``path`` (safetensors) and return it.
+
+    ``head``: ``causal_lm`` or ``sequence_classification`` (a reward model).
+    """
+    import torch
+    from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                              LlamaForSequenceClassification)
+
+    from prefdata.models.hub import SMOLLM2, resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve(SMOLLM2))
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=max_positions, tie_word_embeddings=tie_embeddings,
+        initializer_range=init_range, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+        num_labels=num_labels, **config_overrides,
+    )
+    torch.manual_seed(seed)
+    cls = LlamaForSequenceClassification if head == "sequence_classification" else LlamaForCausalLM
+    model = cls(config).eval()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_factory(tmp_path_factory):
+    """Build (and memoise per argument set) tiny Llamas for the whole session."""
+    made: dict = {}
+
+    def make(seed: int = 0, **kwargs) -> str:
+        key = (seed, tuple(sorted(kwargs.items())))
+        if key not in made:
+            made[key] = make_tiny_llama(tmp_path_factory.mktemp(f"tiny-llama-{seed}"), seed, **kwargs)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_factory) -> str:
+    """The default tiny causal LM (2 layers, hidden 64, seed 0)."""
+    return tiny_llama_factory(0)
