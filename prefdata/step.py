@@ -9,8 +9,10 @@ Two kinds, after datatrove and distilabel:
 
 A ``Source`` step produces the first table from outside data (files).
 
-The fingerprint of a step is a hash of its name, version, canonical config and the
-fingerprint of the step before it, so changing one step recomputes it and what follows.
+The fingerprint of a step is a hash of its name, version, canonical config, the resolved
+identity of every model it names (``models()``: Hub commit or content hash, backend, device
+kind and dtype resolved) and the fingerprint of the step before it, so changing one step —
+or the weights behind a model name — recomputes it and what follows.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -78,16 +81,47 @@ class Step:
         """Anything besides the config that decides the output (e.g. an input file hash)."""
         return None
 
-    def fingerprint(self, upstream: str = "") -> str:
-        payload = {
+    # -- models and fingerprints --------------------------------------------------------
+    def models(self) -> list:
+        """The models this step runs, as ``ModelRef``s (config values, unresolved)."""
+        return []
+
+    @property
+    def holds_model(self) -> bool:
+        """True when the step loads weights in this process (an API model does not)."""
+        return any(not ref.is_api for ref in self.models())
+
+    def model_identities(self) -> list[dict]:
+        """The resolved identity of each model (memoised per process where safe)."""
+        from prefdata.models.identity import resolve_identity
+
+        out = []
+        for ref in self.models():
+            try:
+                out.append(resolve_identity(ref))
+            except ValueError as exc:
+                raise ValueError(f"step '{self.name}': {exc}") from None
+        return out
+
+    def fingerprint_parts(self, upstream: str = "") -> dict:
+        """Everything the fingerprint hashes, for dry-run reasons and debugging."""
+        return {
             "name": self.name,
             "version": self.version,
             "config": canonical(self.config),
-            "extra": self.fingerprint_extra(),
+            "extra": canonical(self.fingerprint_extra()),
+            "models": self.model_identities(),
             "upstream": upstream,
         }
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def fingerprint(self, upstream: str = "") -> str:
+        return _digest(self.fingerprint_parts(upstream))
+
+    def own_fingerprint(self) -> str:
+        """The fingerprint without the upstream chain: same step, same models, same config."""
+        parts = self.fingerprint_parts("")
+        parts.pop("upstream")
+        return _digest(parts)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
@@ -118,6 +152,11 @@ class GlobalStep(Step):
 
     def process(self, frame: pl.LazyFrame) -> pa.Table | pl.DataFrame | Output:
         raise NotImplementedError
+
+
+def _digest(payload: dict) -> str:
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # -- configs ------------------------------------------------------------------------------
@@ -157,12 +196,40 @@ def build_config(cls: type, values: dict[str, Any], where: str = "config") -> An
 
 
 def _type_hints(cls: type) -> dict[str, Any]:
+    """Resolved annotations of a config dataclass; an unresolvable one is an error, never
+    a silent "no type checking" (string annotations are evaluated in the module of the
+    class that declares the field)."""
     import typing
 
     try:
         return typing.get_type_hints(cls)
-    except Exception:
-        return {}
+    except Exception:  # resolve field by field below, to name the one that fails
+        pass
+    hints = {}
+    for klass in reversed(cls.__mro__):
+        own = klass.__dict__.get("__annotations__", {})
+        module = sys.modules.get(klass.__module__)
+        globalns = dict(vars(module)) if module else {}
+        localns = {klass.__name__: klass, cls.__name__: cls}
+        for name, annotation in own.items():
+            try:
+                hints[name] = _evaluate(annotation, globalns, localns)
+            except Exception as exc:
+                raise TypeError(
+                    f"config {cls.__qualname__} (module {klass.__module__}): the type of field "
+                    f"'{name}' ({annotation!r}) cannot be resolved ({type(exc).__name__}: {exc}), so "
+                    "its values cannot be checked; import or define that name at module level "
+                    "(not only under TYPE_CHECKING or inside a function)"
+                ) from None
+    return hints
+
+
+def _evaluate(annotation: Any, globalns: dict, localns: dict) -> Any:
+    """A string annotation (``from __future__ import annotations``) evaluated as
+    ``get_type_hints`` would, with the class itself in scope."""
+    if isinstance(annotation, str):
+        return eval(annotation, globalns, localns)  # noqa: S307 - source-code annotations, not user input
+    return annotation
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -184,8 +251,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             try:
                 return _coerce(value, arg, where)
             except (TypeError, ValueError) as exc:
-                errors.append(str(exc))
-        raise TypeError(f"{where}: {value!r} does not fit {hint}")
+                errors.append(str(exc).removeprefix(f"{where}: "))
+        raise TypeError(f"{where}: {value!r} does not fit {_type_name(hint)} ({'; '.join(errors)})")
     if origin is typing.Literal:
         if value not in typing.get_args(hint):
             raise ValueError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}")
@@ -218,3 +285,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise TypeError(f"{where}: expected a string, got {value!r}")
         return value
     return value
+
+
+def _type_name(hint: Any) -> str:
+    """``str | list[str] | None`` rather than ``typing.Union[str, list[str], NoneType]``."""
+    import types
+    import typing
+
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint).replace("typing.", "")

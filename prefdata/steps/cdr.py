@@ -82,6 +82,13 @@ class ScoreCDR(MapStep):
             )
         check_backend(c.backend)
 
+    def models(self) -> list:
+        from prefdata.models.identity import ModelRef
+
+        c = self.config
+        names = [c.strong] if self.same_model else [c.strong, c.weak]
+        return [ModelRef(m, backend=c.backend, device=c.device, dtype=c.dtype) for m in names]
+
     @property
     def same_model(self) -> bool:
         return self.config.weak is None or self.config.weak == self.config.strong

@@ -83,6 +83,14 @@ class _Judge(MapStep):
             raise ValueError(f"{self.name}: {'; '.join(problems)}")
         check_backend(c.backend)
 
+    def models(self) -> list:
+        from prefdata.models.identity import ModelRef
+
+        c = self.config
+        base_url = (c.model_options or {}).get("base_url") if c.backend == "api" else None
+        return [ModelRef(c.model, kind="api" if c.backend == "api" else "lm", backend=c.backend,
+                         device=c.device, dtype=c.dtype, base_url=base_url)]
+
     def setup(self) -> None:
         from prefdata.models import load_model
 

@@ -79,6 +79,12 @@ class Rationale(MapStep):
     def output_columns(self, columns: list[str]) -> list[str]:
         return [c for c in columns if c != "rationale"] + ["rationale"]
 
+    def models(self) -> list:
+        from prefdata.models.identity import ModelRef
+
+        c = self.config
+        return [ModelRef(c.model, backend=c.backend, device=c.device, dtype=c.dtype)]
+
     def setup(self) -> None:
         from prefdata.models import load_model
 

@@ -52,7 +52,7 @@ class ScoreRM(MapStep):
 
     name = "score_rm"
     Config = ScoreRMConfig
-    models: list | None = None
+    loaded: list | None = None  # the loaded reward models (``models()`` names them)
 
     def check(self) -> None:
         c = self.config
@@ -74,6 +74,13 @@ class ScoreRM(MapStep):
             problems.append(f"batch_size must be at least 1, got {c.batch_size}")
         if problems:
             raise ValueError("score_rm: " + "; ".join(problems))
+
+    def models(self) -> list:
+        from prefdata.models.identity import ModelRef
+
+        c = self.config
+        return [ModelRef(m, kind="reward", backend="transformers", device=c.device, dtype=c.dtype)
+                for m in self.models_and_names()[0]]
 
     def models_and_names(self) -> tuple[list[str], list[str]]:
         c = self.config
@@ -100,31 +107,31 @@ class ScoreRM(MapStep):
         from prefdata.models import load_reward_model
 
         c = self.config
-        self.models = [
+        self.loaded = [
             load_reward_model(m, device=c.device, dtype=c.dtype, batch_size=c.batch_size,
                               max_length=c.max_length, trust_remote_code=c.trust_remote_code)
             for m in self.models_and_names()[0]
         ]
         if c.mc_dropout:
-            for rm in self.models:
+            for rm in self.loaded:
                 if rm.dropout_rate(c.dropout) == 0:
                     log.warning("score_rm: reward model '%s' has no dropout, so MC-dropout std is 0; "
                                 "set 'dropout' (e.g. 0.1) to make the passes differ", rm.name)
 
     def teardown(self) -> None:
-        self.models = None
+        self.loaded = None
 
     def process(self, table: pa.Table) -> pa.Table:
         c = self.config
         table = table.drop_columns([col for col in self.new_columns() if col in table.column_names])
-        if table.num_rows and self.models is None:
+        if table.num_rows and self.loaded is None:
             self.setup()
         prompts = table.column("prompt").to_pylist()
         responses = table.column("response").to_pylist()
         key = (table.column("response_id").to_pylist() if "response_id" in table.column_names
                else responses)
         names = self.models_and_names()[1]
-        for rm, name in zip(self.models or [None] * len(names), names):
+        for rm, name in zip(self.loaded or [None] * len(names), names):
             if not table.num_rows:
                 mean, std = np.zeros(0), np.zeros(0)
             elif c.mc_dropout:

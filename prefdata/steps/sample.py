@@ -59,6 +59,12 @@ class Sample(MapStep):
             raise ValueError(f"step 'sample': {'; '.join(problems)}")
         check_backend(c.backend)
 
+    def models(self) -> list:
+        from prefdata.models.identity import ModelRef
+
+        c = self.config
+        return [ModelRef(c.model, backend=c.backend, device=c.device, dtype=c.dtype)]
+
     def input_columns(self) -> list[str]:
         return ["prompt_id", "prompt"]
 
