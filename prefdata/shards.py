@@ -9,11 +9,13 @@ same whichever executor made it.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from prefdata.io import read_metadata, write_json, write_parquet
@@ -21,6 +23,8 @@ from prefdata.step import Output
 
 MARKER = "_SUCCESS.json"
 COUNTS_KEY = "prefdata_counts"
+
+log = logging.getLogger(__name__)
 
 
 def shard_path(step_dir: Path, index: int) -> Path:
@@ -86,13 +90,54 @@ def write_shard(step_dir: Path, index: int, out: Output, extra_counts: dict | No
     return counts
 
 
-def compute_shard(step, in_path: Path, step_dir: Path, index: int) -> dict:
-    """Run a map step on one shard file and write its output atomically."""
+def compute_shard(step, in_path: Path, step_dir: Path, index: int, store=None) -> dict:
+    """Run a map step on one shard file and write its output atomically.
+
+    With a ``PromptStore`` the prompts it already holds are taken from it and the step
+    runs on the others only; the shard is then assembled from the store, so its content
+    never depends on which prompts were computed when.
+    """
     table = pq.read_table(in_path)
     start = time.perf_counter()
+    if store is not None and table.num_rows:
+        counts = _compute_with_store(step, table, store, step_dir, index, start)
+        if counts is not None:
+            return counts
     out = as_output(step.process(table))
     counts = write_shard(step_dir, index, out, {"seconds": round(time.perf_counter() - start, 3)})
     return counts
+
+
+def _compute_with_store(step, table: pa.Table, store, step_dir: Path, index: int, start: float) -> dict | None:
+    """Compute the prompts the store lacks, store them, write the shard from the store.
+
+    Returns None (compute the shard as a whole) when the output cannot be attributed to
+    prompts; that is logged, not silent.
+    """
+    from prefdata.prompt_store import prompt_keys
+
+    keys = prompt_keys(table)
+    known = store.known(keys["key"].to_list())
+    fresh = keys.filter(~pl.col("key").is_in(list(known)))
+    counts: dict = {}
+    if fresh.height:
+        sub = table if not known else table.filter(pc.is_in(
+            table["prompt_id"], value_set=fresh["prompt_id"].to_arrow()))
+        out = as_output(step.process(sub))
+        try:
+            store.write_part(out, fresh, out.counts)
+        except ValueError as exc:
+            log.warning("step %s: results not stored per prompt (%s); computing shard %d as a whole",
+                        step.name, exc, index)
+            if known:
+                return None
+            return write_shard(step_dir, index, out, {"seconds": round(time.perf_counter() - start, 3)})
+    rows, quarantine, reused_counts = store.assemble(keys)
+    for k, v in reused_counts.items():
+        counts[k] = counts.get(k, 0) + v
+    counts.update(prompts_computed=fresh.height, prompts_reused=keys.height - fresh.height,
+                  seconds=round(time.perf_counter() - start, 3))
+    return write_shard(step_dir, index, Output(rows, quarantine, counts))
 
 
 def shard_counts(path: Path) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -186,6 +187,8 @@ def test_resume_skips_finished_shards(prompts, tmp_path):
     for d in pipe.step_dirs()[3:]:
         for f in d.iterdir():
             f.unlink()
+    # ... before those shards' prompts reached the prompt store.
+    shutil.rmtree(pipe.prompt_store(2).dir)
     CALLS.clear()
     resumed = make(prompts, tmp_path / "b").run()
     assert CALLS["score.process"] == 2 and "expand.process" not in CALLS
@@ -197,6 +200,13 @@ def test_model_setup_only_when_a_shard_is_missing(prompts, tmp_path):
     pipe.run()
     expand_dir = pipe.step_dirs()[1]
     shards.shard_path(expand_dir, 2).unlink()
+    CALLS.clear()
+    make(prompts, tmp_path).run()
+    # the shard's prompts are in the prompt store: rebuilt from it, no setup, no process
+    assert "expand.setup" not in CALLS and "expand.process" not in CALLS
+    assert shards.shard_path(expand_dir, 2).exists()
+    shards.shard_path(expand_dir, 2).unlink()
+    shutil.rmtree(pipe.prompt_store(1).dir)
     CALLS.clear()
     make(prompts, tmp_path).run()
     assert CALLS["expand.setup"] == 1 and CALLS["expand.process"] == 1

@@ -1,6 +1,7 @@
 """Executors run a map step over the shards that still need computing.
 
-``local`` (the default) computes them one after another in this process; ``ray`` on a
+``local`` (the default) computes them one after another, a model-holding step in a worker
+process that exits with the step (``in_process: true`` keeps it in this process); ``ray`` on a
 Ray Data actor pool (``pip install 'prefdata[ray]'``). Both write the same shard files.
 """
 
@@ -18,9 +19,10 @@ EXECUTORS = ("local", "ray")
 def make_executor(name: str = "local", **options):
     """An executor by name, with its options (a recipe's ``executor:``, ``--executor``)."""
     if name == "local":
-        if options:
-            raise ValueError(f"the local executor takes no options, got {sorted(options)}")
-        return LocalExecutor()
+        unknown = sorted(set(options) - {"in_process"})
+        if unknown:
+            raise ValueError(f"local executor: unknown option(s) {unknown}; known options: ['in_process']")
+        return LocalExecutor(**options)
     if name == "ray":
         from prefdata.executors.ray import RayExecutor
 

@@ -92,7 +92,8 @@ class RayExecutor:
             )
         return size
 
-    def map_shards(self, step, jobs: list[tuple[int, Path]], step_dir: Path, progress: bool = True) -> None:
+    def map_shards(self, step, jobs: list[tuple[int, Path]], step_dir: Path, progress: bool = True,
+                   store=None) -> None:
         """Compute each (index, input shard) job on the actor pool; starts nothing if there are none."""
         if not jobs:
             return
@@ -115,7 +116,8 @@ class RayExecutor:
                  self.num_cpus_per_actor)
         dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             ShardWorker,
-            fn_constructor_kwargs={"step_blob": blob, "step_dir": str(step_dir), "sys_path": list(sys.path)},
+            fn_constructor_kwargs={"step_blob": blob, "step_dir": str(step_dir), "sys_path": list(sys.path),
+                                   "store_blob": cloudpickle.dumps(store)},
             compute=ActorPoolStrategy(size=size),
             batch_size=1,
             num_cpus=self.num_cpus_per_actor,
@@ -140,7 +142,7 @@ class RayExecutor:
 class ShardWorker:
     """One Ray actor: unpickles the step, loads its model once, computes shards."""
 
-    def __init__(self, step_blob: bytes, step_dir: str, sys_path: list[str]):
+    def __init__(self, step_blob: bytes, step_dir: str, sys_path: list[str], store_blob: bytes | None = None):
         # Steps a driver imports from its own paths (a recipe's ``package.module:Class``, a test
         # module) unpickle here too: on one machine the driver's paths exist for the actors.
         sys.path.extend(p for p in sys_path if p not in sys.path)
@@ -148,6 +150,7 @@ class ShardWorker:
 
         self.step = cloudpickle.loads(step_blob)
         self.step_dir = Path(step_dir)
+        self.store = cloudpickle.loads(store_blob) if store_blob else None
         self.step.setup()
 
     def __call__(self, batch: dict) -> dict:
@@ -158,7 +161,7 @@ class ShardWorker:
         for index, in_path in zip(batch["index"], batch["in_path"]):
             error = ""
             try:
-                compute_shard(self.step, Path(in_path), self.step_dir, int(index))
+                compute_shard(self.step, Path(in_path), self.step_dir, int(index), store=self.store)
             except Exception as exc:
                 error = (f"step '{self.step.name}' failed on shard {int(index)} ({in_path}) under Ray: "
                          f"{type(exc).__name__}: {exc}\n\nin the Ray actor (pid {os.getpid()}):\n"
