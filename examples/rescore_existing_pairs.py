@@ -32,7 +32,7 @@ def main() -> None:
         [
             ImportPairs(path=args.data, format="hh_transcript", limit=args.limit),
             ScoreCDR(name="cdr"),
-            BuildPairs(score="score_original", strategy="best_vs_worst"),
+            BuildPairs(score="score_original", strategy="original"),
             Export(format="trl_conversational"),
         ],
         workdir=out / "work", output=out / "pairs.parquet", shard_size=8,

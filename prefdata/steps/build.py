@@ -10,27 +10,50 @@ k = n − 1 these are the pairs Curry-DPO orders into a curriculum). ``all_pairs
 every pair of a prompt's responses whose score gap is at least ``min_margin``, the k
 widest gaps first with ``pairs_per_prompt``.
 
-Rules shared by every strategy: a pair's margin is > 0 and >= ``min_margin`` (ties never
-pair); two responses with the same text (compared by a 64-bit hash) never pair;
-responses without a score are quarantined; a prompt left with no pair is counted. The
-best among tied responses is the one with the smallest stable hash of ``response_id``;
-the random choice is a stable hash of ``response_id`` and ``seed`` (``prefdata.pairs``),
-so both are the same on every machine and polars version. Pairs come out in the input
-order of their prompts.
+``original`` gives back the pairs ``import_pairs`` read, exactly: one pair per
+``original_pair`` id, chosen = the row whose ``original_role`` is ``chosen``, however many
+pairs share a prompt (a best-vs-rest strategy would recombine two pairs of one prompt into
+pairs nobody compared, still labelled ``original``). ``score`` then only fills
+``score_chosen``/``score_rejected``/``margin`` (a margin may be <= 0 when ``score`` is a
+new scorer that disagrees with the original label). ``strategy: auto`` (the default) is
+``original`` when ``score`` is an original label (``score_original…``) and the responses
+carry ``original_pair``, else ``best_vs_random``; asking for another strategy on such a
+table is refused, since its pairs would wear an original label they never had.
+
+Rules shared by the score-based strategies: a pair's margin is > 0 and >= ``min_margin``
+(ties never pair); two responses with the same text (compared by a 64-bit hash) never
+pair; responses without a score are quarantined. Nothing is left out silently: a prompt
+left with no pair is counted in ``prompts_without_pair`` and, by reason, in
+``dropped_prompt_<reason>`` (``no_score``, ``all_truncated``, ``single_response``,
+``tied``, ``identical_texts``, ``below_min_margin``); an original pair that cannot be
+given back in ``dropped_pair_<reason>`` (``missing_side``, ``no_score``, ``truncated``,
+``identical_texts``); responses set aside in ``dropped_response_<reason>``
+(``truncated``, ``not_original``, ``duplicate``).
+
+``drop_truncated: true`` leaves out responses whose ``finish_reason`` is ``length`` (cut
+at ``max_new_tokens`` by ``sample``) before pairing; the step refuses to run without that
+column rather than pretend it filtered.
+
+The best among tied responses is the one with the smallest stable hash of
+``response_id``; the random choice is a stable hash of ``response_id`` and ``seed``
+(``prefdata.pairs``), so both are the same on every machine and polars version. Pairs
+come out in the input order of their prompts.
 
 Every ``score_*`` column of the response table (ensemble members, ``_std`` columns) is
 carried to the pair as ``<col>_chosen`` / ``<col>_rejected`` (``carry`` picks others), so
 the ``noise`` step can compute per-member score differences without a join.
 
-All work is vectorised and needs no sort when each prompt's responses are adjacent (as
-sampling writes them): per-prompt best/worst/random picks are segmented minima
-(``np.minimum.reduceat``), all pairs are enumerated by offset inside each prompt's run,
-and the output is gathered from the input Arrow columns with ``take`` — no Python loop
-over rows, no join.
+The score-based strategies are vectorised and need no sort when each prompt's responses
+are adjacent (as sampling writes them): per-prompt best/worst/random picks are segmented
+minima (``np.minimum.reduceat``), all pairs are enumerated by offset inside each prompt's
+run, and the output is gathered from the input Arrow columns with ``take`` — no Python
+loop over rows, no join. ``original`` matches the two sides of each pair with one polars
+join on ``original_pair``.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,25 +64,28 @@ from prefdata.pairs import assistant_messages, combine_unordered, fmix64, hash64
 from prefdata.schema import PAIR, conform
 from prefdata.step import MapStep, Output
 
-STRATEGIES = ("best_vs_random", "best_vs_worst", "all_pairs")
+STRATEGIES = ("auto", "best_vs_random", "best_vs_worst", "all_pairs", "original")
 SLICE_OFFSETS = 16  # all_pairs: offsets compared as whole shifted slices
 PROMPT_LEVEL = ("prompt", "source")
+ORIGINAL_COLUMNS = ("original_pair", "original_role")
 
 
 @dataclass
 class BuildPairsConfig:
     score: str = "score_cdr"
-    strategy: str = "best_vs_random"
+    strategy: str = "auto"  # auto | best_vs_random | best_vs_worst | all_pairs | original
     seed: int = 0
     min_margin: float = 0.0
     pairs_per_prompt: int | None = None  # default: 1 for best_vs_*, every pair for all_pairs
     carry: list[str] | None = None  # response columns copied as <col>_chosen/_rejected; default score_*
+    drop_truncated: bool = False  # leave out responses with finish_reason == "length"
 
 
 class BuildPairs(MapStep):
     """Pairs per prompt: chosen/rejected by ``score`` and ``strategy``."""
 
     name = "build_pairs"
+    version = "2"  # 2: imported pairs given back exactly (strategy original/auto), dropped_* counts
     Config = BuildPairsConfig
 
     def check(self) -> None:
@@ -70,11 +96,18 @@ class BuildPairs(MapStep):
             raise ValueError("build_pairs: min_margin must be >= 0")
         if c.pairs_per_prompt is not None and c.pairs_per_prompt < 1:
             raise ValueError(f"build_pairs: pairs_per_prompt must be >= 1, got {c.pairs_per_prompt}")
+        if c.strategy == "original" and (c.min_margin > 0 or c.pairs_per_prompt is not None):
+            raise ValueError("build_pairs: strategy 'original' gives back every imported pair as it was; "
+                             "min_margin and pairs_per_prompt do not apply to it. Remove them, or filter "
+                             "the pairs in a later step (e.g. noise)")
 
     def input_columns(self) -> list[str]:
-        return ["prompt_id", "prompt", "response_id", "response", self.config.score] + list(self.config.carry or [])
+        c = self.config
+        extra = ["finish_reason"] if c.drop_truncated else []
+        return ["prompt_id", "prompt", "response_id", "response", c.score] + list(c.carry or []) + extra
 
     def output_columns(self, columns: list[str]) -> list[str]:
+        resolve_strategy(columns, self.config)  # refuse a recombining strategy before any work
         extra = [c for c in PROMPT_LEVEL if c in columns and c not in PAIR.names]
         carried = _carried(columns, self.config)
         return list(PAIR.names) + extra + [f"{c}_{side}" for c in carried for side in ("chosen", "rejected")]
@@ -83,33 +116,144 @@ class BuildPairs(MapStep):
         return build_pairs(table, self.config)
 
 
+def resolve_strategy(columns: list[str], cfg: BuildPairsConfig) -> str:
+    """``auto`` made concrete; an original label over imported pairs only pairs as imported."""
+    imported = "original_pair" in columns and cfg.score.startswith("score_original")
+    if cfg.strategy == "auto":
+        if imported and (cfg.min_margin > 0 or cfg.pairs_per_prompt is not None):
+            raise ValueError("build_pairs: with score_original on imported pairs, strategy auto gives back "
+                             "the imported pairs as they were, so min_margin and pairs_per_prompt do not "
+                             "apply; remove them, or filter the pairs in a later step")
+        return "original" if imported else "best_vs_random"
+    if imported and cfg.strategy != "original":
+        raise ValueError(
+            f"build_pairs: strategy '{cfg.strategy}' with score '{cfg.score}' would pair responses of "
+            "different imported pairs (when a prompt carries several) and label them 'original' although "
+            "nobody compared them; set `strategy: original` (or leave strategy unset) to keep the imported "
+            "pairs, or score the responses and build pairs on that score")
+    return cfg.strategy
+
+
 def build_pairs(table: pa.Table, cfg: BuildPairsConfig) -> Output:
+    strategy = resolve_strategy(table.column_names, cfg)
     score = cfg.score
     scores = pl.from_arrow(table.select([score])).to_series().cast(pl.Float64)
     valid = (scores.is_not_null() & scores.is_not_nan()).fill_null(False).to_numpy()
+    truncated = _truncated(table) if cfg.drop_truncated else np.zeros(table.num_rows, bool)
+    usable = valid & ~truncated
+    counts: Counter = Counter()
+    if truncated.any():
+        counts["dropped_response_truncated"] = int(np.count_nonzero(truncated & valid))
     resp_hash = hash64(table.column("response_id"))
-    runs = Runs.of(table, valid)
-    s = scores.to_numpy()[runs.rows]
-    r = resp_hash[runs.rows]
-    t = pl.from_arrow(table.select(["response"])).to_series().hash().to_numpy()[runs.rows]  # equality only
-    if cfg.strategy == "all_pairs":
-        pos_c, pos_r = _all_pairs(runs, s, r, t, cfg)
+    text_hash = pl.from_arrow(table.select(["response"])).to_series().hash().to_numpy()  # equality only
+    if strategy == "original":
+        rows_c, rows_r = _original_pairs(table, valid, truncated, text_hash, counts)
     else:
-        pos_c, pos_r = _best_vs_rest(runs, s, r, t, cfg)
-    if runs.reordered:  # back to the input order of prompts, keeping the order within each
-        order = np.argsort(runs.rows[runs.head[runs.seg[pos_c]]], kind="stable")
-        pos_c, pos_r = pos_c[order], pos_r[order]
-    out = _assemble(table, scores, resp_hash, runs.rows[pos_c], runs.rows[pos_r], cfg)
-    seg = runs.seg[pos_c]
-    n_with = int(np.count_nonzero(seg[1:] != seg[:-1])) + 1 if len(seg) else 0
-    n_prompts = runs.n if valid.all() else pl.from_arrow(table.select(["prompt_id"])).to_series().n_unique()
-    counts = {"pairs": out.num_rows, "prompts_without_pair": n_prompts - n_with}
+        rows_c, rows_r = _scored_pairs(table, usable, scores, resp_hash, text_hash, strategy, cfg, counts)
+        counts.update(_prompts_without_usable(table, valid, usable, counts["paired_prompts"]))
+        del counts["paired_prompts"]
+    out = _assemble(table, scores, resp_hash, rows_c, rows_r, cfg, strategy)
+    counts["pairs"] = out.num_rows
     quarantine = None
     missing = np.flatnonzero(~valid)
     if len(missing):
         quarantine = table.take(pa.array(missing)).append_column(
             "reason", pa.repeat(pa.scalar(f"no {score} (score is null or NaN)"), len(missing)))
-    return Output(out, quarantine=quarantine, counts=counts)
+    return Output(out, quarantine=quarantine, counts=dict(counts))
+
+
+def _truncated(table: pa.Table) -> np.ndarray:
+    if "finish_reason" not in table.column_names:
+        raise ValueError(
+            "build_pairs: drop_truncated: true needs the 'finish_reason' column (stop | length) that "
+            f"`sample` writes, but the response table has none (columns: {table.column_names}); sample the "
+            "responses with a prefdata version that records finish_reason, or set drop_truncated: false")
+    reasons = pl.from_arrow(table.select(["finish_reason"])).to_series().cast(pl.String)
+    return (reasons == "length").fill_null(False).to_numpy()
+
+
+def _scored_pairs(table, usable, scores, resp_hash, text_hash, strategy, cfg, counts):
+    """Rows of chosen and rejected for the score-based strategies, counting prompts without a pair."""
+    runs = Runs.of(table, usable)
+    s = scores.to_numpy()[runs.rows]
+    r = resp_hash[runs.rows]
+    t = text_hash[runs.rows]
+    if strategy == "all_pairs":
+        pos_c, pos_r = _all_pairs(runs, s, r, t, cfg)
+    else:
+        pos_c, pos_r = _best_vs_rest(runs, s, r, t, cfg, strategy)
+    paired = np.zeros(runs.n, bool)
+    paired[runs.seg[pos_c]] = True
+    counts.update(_no_pair_reasons(runs, s, r, t, paired, strategy))
+    counts["paired_prompts"] = int(paired.sum())
+    if runs.reordered:  # back to the input order of prompts, keeping the order within each
+        order = np.argsort(runs.rows[runs.head[runs.seg[pos_c]]], kind="stable")
+        pos_c, pos_r = pos_c[order], pos_r[order]
+    return runs.rows[pos_c], runs.rows[pos_r]
+
+
+def _no_pair_reasons(runs: "Runs", s, r, t, paired: np.ndarray, strategy: str) -> Counter:
+    """Why each prompt with usable responses got no pair: one reason per prompt, the first that holds."""
+    if runs.n == 0:
+        return Counter()
+    size = runs.end - runs.head
+    top = np.maximum.reduceat(s, runs.head)
+    low = np.minimum.reduceat(s, runs.head)
+    if strategy == "all_pairs":  # two texts and two scores always make a pair (unless min_margin)
+        other_text = np.logical_or.reduceat(t != t[runs.head[runs.seg]], runs.head)
+    else:
+        best = _first_per_run(runs.seg, -s, r)[runs.seg]
+        other_text = np.logical_or.reduceat((s < s[best]) & (t != t[best]), runs.head)
+    reason = np.select([paired, size == 1, top == low, ~other_text],
+                       ["", "single_response", "tied", "identical_texts"], "below_min_margin")
+    return Counter({f"dropped_prompt_{k}": int(v) for k, v in zip(*np.unique(reason[~paired], return_counts=True))})
+
+
+def _prompts_without_usable(table: pa.Table, valid: np.ndarray, usable: np.ndarray, paired: int) -> Counter:
+    """``prompts_without_pair`` over all prompts, and why those with no usable response have none."""
+    ids = pl.from_arrow(table.select(["prompt_id"])).to_series()
+    if usable.all():
+        return Counter(prompts_without_pair=ids.n_unique() - paired)
+    per = pl.DataFrame({"id": ids, "valid": valid, "usable": usable}).group_by("id").agg(
+        pl.col("valid").any(), pl.col("usable").any())
+    out = Counter(prompts_without_pair=per.height - paired)
+    none = per.filter(~pl.col("usable"))
+    if none.height:
+        n_truncated = int(none["valid"].sum())
+        out.update({"dropped_prompt_all_truncated": n_truncated, "dropped_prompt_no_score": none.height - n_truncated})
+    return +out
+
+
+def _original_pairs(table: pa.Table, valid, truncated, text_hash, counts: Counter) -> tuple[np.ndarray, np.ndarray]:
+    """Each ``original_pair``'s chosen and rejected row, in the order the pairs first appear."""
+    missing = [c for c in ORIGINAL_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(
+            f"build_pairs: strategy 'original' pairs the responses by the columns {list(ORIGINAL_COLUMNS)} "
+            f"that import_pairs writes, but the response table has no {missing}; import the pairs with "
+            "import_pairs, or choose a score-based strategy")
+    df = pl.from_arrow(table.select(list(ORIGINAL_COLUMNS))).with_row_index("i")
+    df = df.rename({"original_pair": "pair", "original_role": "role"})
+    ok = pl.col("pair").is_not_null() & pl.col("role").is_in(["chosen", "rejected"])
+    n_other = df.height - df.filter(ok).height
+    df = df.filter(ok)
+    first = df.unique(["pair", "role"], keep="first", maintain_order=True)
+    sides = {role: first.filter(pl.col("role") == role).select("pair", pl.col("i").alias(role))
+             for role in ("chosen", "rejected")}
+    both = sides["chosen"].join(sides["rejected"], on="pair", how="full", coalesce=True)
+    both = both.sort(pl.min_horizontal("chosen", "rejected"))
+    whole = both.filter(pl.col("chosen").is_not_null() & pl.col("rejected").is_not_null())
+    c = whole["chosen"].to_numpy().astype(np.int64)
+    r = whole["rejected"].to_numpy().astype(np.int64)
+    status = np.select([~(valid[c] & valid[r]), truncated[c] | truncated[r], text_hash[c] == text_hash[r]],
+                       ["no_score", "truncated", "identical_texts"], "")
+    dropped = Counter({f"dropped_pair_{k}": int(v) for k, v in zip(*np.unique(status[status != ""],
+                                                                             return_counts=True))})
+    dropped.update({"dropped_pair_missing_side": both.height - whole.height,
+                    "dropped_response_not_original": n_other, "dropped_response_duplicate": df.height - first.height})
+    counts.update(+dropped)
+    keep = status == ""
+    return c[keep], r[keep]
 
 
 @dataclass
@@ -182,12 +326,12 @@ def _top(dtype) -> np.generic:
     return np.array(np.inf if np.issubdtype(dtype, np.floating) else np.iinfo(dtype).max, dtype=dtype)
 
 
-def _best_vs_rest(runs: Runs, s, r, t, cfg: BuildPairsConfig) -> tuple[np.ndarray, np.ndarray]:
+def _best_vs_rest(runs: Runs, s, r, t, cfg: BuildPairsConfig, strategy: str) -> tuple[np.ndarray, np.ndarray]:
     best = _first_per_run(runs.seg, -s, r)  # per run: highest score, then smallest id hash
     b = best[runs.seg]  # each position's best
     pos = np.arange(len(s))
     cand = np.flatnonzero((pos != b) & (s < s[b]) & (s[b] - s >= cfg.min_margin) & (t != t[b]))
-    worst = cfg.strategy == "best_vs_worst"
+    worst = strategy == "best_vs_worst"
     key = s[cand] if worst else fmix64(r[cand] ^ fmix64(np.uint64(cfg.seed)))
     k = cfg.pairs_per_prompt or 1
     if k == 1:
@@ -254,9 +398,9 @@ def _rank_in_run(values: np.ndarray) -> np.ndarray:
     return idx - np.maximum.accumulate(np.where(head, idx, 0))
 
 
-def _label_source(score: str) -> str:
-    """Pairs rebuilt from imported ratings keep the original label; any scorer's is 'ai'."""
-    return "original" if score.startswith("score_original") else "ai"
+def _label_source(score: str, strategy: str) -> str:
+    """Imported pairs and pairs rebuilt from imported ratings keep the original label; a scorer's is 'ai'."""
+    return "original" if strategy == "original" or score.startswith("score_original") else "ai"
 
 
 def _carried(columns: list[str], cfg: BuildPairsConfig) -> list[str]:
@@ -266,7 +410,7 @@ def _carried(columns: list[str], cfg: BuildPairsConfig) -> list[str]:
 
 
 def _assemble(table: pa.Table, scores: pl.Series, h: np.ndarray, rows_c: np.ndarray, rows_r: np.ndarray,
-              cfg: BuildPairsConfig) -> pa.Table:
+              cfg: BuildPairsConfig, strategy: str) -> pa.Table:
     ids = table.column("response_id")
     s = scores.to_numpy()
     n = len(rows_c)
@@ -282,8 +426,8 @@ def _assemble(table: pa.Table, scores: pl.Series, h: np.ndarray, rows_c: np.ndar
         "score_chosen": pa.array(sc, pa.float64()),
         "score_rejected": pa.array(sr, pa.float64()),
         "margin": pa.array(sc - sr, pa.float64()),
-        "pair_strategy": pa.repeat(pa.scalar(cfg.strategy, pa.string()), n),
-        "label_source": pa.repeat(pa.scalar(_label_source(cfg.score), pa.string()), n),
+        "pair_strategy": pa.repeat(pa.scalar(strategy, pa.string()), n),
+        "label_source": pa.repeat(pa.scalar(_label_source(cfg.score, strategy), pa.string()), n),
     }
     for c in PROMPT_LEVEL:
         if c in table.column_names and c not in cols:

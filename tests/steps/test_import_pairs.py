@@ -68,8 +68,9 @@ def write(tmp_path, rows, kind, name="pairs"):
 def roundtrip(path, fmt, export_format="trl_conversational", **options):
     """import -> build_pairs(score_original) -> export: the pairs as written."""
     out = ImportPairs(path=str(path), format=fmt, **options).read()
-    pairs = BuildPairs(score="score_original", strategy="best_vs_worst").process(out.table)
-    assert pairs.counts["prompts_without_pair"] == 0
+    pairs = BuildPairs(score="score_original").process(out.table)
+    assert pairs.counts == {"pairs": out.counts["imported"]}
+    assert set(pairs.table["pair_strategy"].to_pylist()) == {"original"}
     exported = Export(format=export_format, keep=[]).process(pl.from_arrow(pairs.table).lazy())
     return out, exported.table.to_pylist()
 
