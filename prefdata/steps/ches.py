@@ -49,6 +49,7 @@ class ScoreCHES(MapStep):
     """Writes ``ches`` and ``ln_ches`` for each pair from the model's hidden states."""
 
     name = "ches"
+    version = "2"  # 2: hidden states independent of batch composition (duplicates computed once)
     Config = ScoreCHESConfig
 
     def check(self) -> None:
