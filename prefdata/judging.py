@@ -20,10 +20,18 @@ unambiguous verdict with nothing after it. A malformed output raises ``ParseErro
 with a short ``code`` and a readable detail; ``judge_with_retries`` asks again with
 another seed (sampling, even when the first try was greedy) up to ``max_attempts``
 times, then records the item as missing with its reason — never a crash, never a zero.
+
+Structured output: where the backend can constrain decoding to a JSON schema (an
+OpenAI-compatible server's ``response_format``, vLLM's guided decoding), the judges ask
+with ``RUBRIC_SCHEMA`` / ``PAIRWISE_SCHEMA`` and a prompt that asks for that JSON, and
+``parse_rubric_json`` / ``parse_pairwise_json`` check the answer strictly against the
+schema (no tolerance: a server that honours the schema never needs it). Invalid JSON is
+a ``ParseError`` like malformed text, so it is retried and then recorded as missing.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,6 +106,27 @@ First explain your comparison in a few sentences. Then, on the last line, give y
 verdict in exactly this format: [[A]] if response A is better, [[B]] if response B is \
 better, [[C]] for a tie. Write nothing after the verdict."""
 
+RUBRIC_JSON_TEMPLATE = RUBRIC_TEMPLATE.split("Answer in exactly this format")[0] + """\
+Answer with one JSON object with the keys "helpfulness", "honesty", \
+"instruction_following", "truthfulness" and "overall"; each value is an object \
+{{"rationale": "<one or two sentences>", "rating": <one whole number from 1 to 5>}}."""
+
+PAIRWISE_JSON_TEMPLATE = PAIRWISE_TEMPLATE.split("First explain your comparison")[0] + """\
+Answer with one JSON object {{"rationale": "<your comparison in a few sentences>", \
+"verdict": "<A, B or C>"}}: "A" if response A is better, "B" if response B is better, \
+"C" for a tie."""
+
+_RATED = {"type": "object",
+          "properties": {"rationale": {"type": "string"}, "rating": {"type": "integer", "enum": [1, 2, 3, 4, 5]}},
+          "required": ["rationale", "rating"], "additionalProperties": False}
+RUBRIC_SCHEMA = {"title": "ultrafeedback_rubric", "type": "object",
+                 "properties": {f: _RATED for f in RUBRIC_FIELDS},
+                 "required": list(RUBRIC_FIELDS), "additionalProperties": False}
+PAIRWISE_SCHEMA = {"title": "pairwise_verdict", "type": "object",
+                   "properties": {"rationale": {"type": "string"},
+                                  "verdict": {"type": "string", "enum": ["A", "B", "C"]}},
+                   "required": ["rationale", "verdict"], "additionalProperties": False}
+
 
 class ParseError(ValueError):
     """Judge text that does not follow the format: a short ``code`` and what was wrong."""
@@ -138,13 +167,17 @@ def render(messages: list[dict]) -> str:
     return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
-def rubric_conversation(prompt: list[dict], response: str, system: str | None = DEFAULT_SYSTEM) -> Conversation:
-    user = RUBRIC_TEMPLATE.format(conversation=render(prompt), response=response)
+def rubric_conversation(prompt: list[dict], response: str, system: str | None = DEFAULT_SYSTEM,
+                        as_json: bool = False) -> Conversation:
+    template = RUBRIC_JSON_TEMPLATE if as_json else RUBRIC_TEMPLATE
+    user = template.format(conversation=render(prompt), response=response)
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
 
 
-def pairwise_conversation(prompt: list[dict], a: str, b: str, system: str | None = DEFAULT_SYSTEM) -> Conversation:
-    user = PAIRWISE_TEMPLATE.format(conversation=render(prompt), a=a, b=b)
+def pairwise_conversation(prompt: list[dict], a: str, b: str, system: str | None = DEFAULT_SYSTEM,
+                          as_json: bool = False) -> Conversation:
+    template = PAIRWISE_JSON_TEMPLATE if as_json else PAIRWISE_TEMPLATE
+    user = template.format(conversation=render(prompt), a=a, b=b)
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
 
 
@@ -266,6 +299,57 @@ def parse_pairwise(text: str) -> Verdict:
     return Verdict(winner=labels[0], rationale=rationale)
 
 
+# -- strict JSON parsers ---------------------------------------------------------------------
+def parse_json(text: str, schema: dict) -> Any:
+    """The JSON value in ``text`` if it follows ``schema`` exactly, else ``ParseError``."""
+    if not text or not text.strip():
+        raise ParseError("empty", "the judge wrote nothing")
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ParseError("invalid_json", f"not valid JSON ({exc.msg} at char {exc.pos}): {text[:60]!r}") from None
+    check_schema(value, schema, "$")
+    return value
+
+
+def check_schema(value: Any, schema: dict, where: str) -> None:
+    """The subset of JSON Schema the judge schemas use: object, string, integer, enum."""
+    kind = schema.get("type")
+    if kind == "object":
+        if not isinstance(value, dict):
+            raise ParseError("schema_mismatch", f"{where} is not an object")
+        props = schema.get("properties", {})
+        missing = [k for k in schema.get("required", []) if k not in value]
+        if missing:
+            raise ParseError("schema_mismatch", f"{where} lacks {', '.join(map(repr, missing))}")
+        extra = [k for k in value if k not in props]
+        if extra and schema.get("additionalProperties") is False:
+            raise ParseError("schema_mismatch", f"{where} has unknown key(s) {', '.join(map(repr, extra))}")
+        for k, sub in props.items():
+            if k in value:
+                check_schema(value[k], sub, f"{where}.{k}")
+        return
+    if kind == "string" and not isinstance(value, str):
+        raise ParseError("schema_mismatch", f"{where} is not a string: {value!r}")
+    if kind == "integer" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ParseError("schema_mismatch", f"{where} is not a whole number: {value!r}")
+    if "enum" in schema and value not in schema["enum"]:
+        raise ParseError("schema_mismatch", f"{where} is {value!r}, not one of {schema['enum']}")
+
+
+def parse_rubric_json(text: str) -> Rubric:
+    """A ``Rubric`` from JSON that follows ``RUBRIC_SCHEMA``, or ``ParseError``."""
+    value = parse_json(text, RUBRIC_SCHEMA)
+    return Rubric(ratings={f: value[f]["rating"] for f in RUBRIC_FIELDS},
+                  rationales={f: value[f]["rationale"].strip() for f in RUBRIC_FIELDS})
+
+
+def parse_pairwise_json(text: str) -> Verdict:
+    """A ``Verdict`` from JSON that follows ``PAIRWISE_SCHEMA``, or ``ParseError``."""
+    value = parse_json(text, PAIRWISE_SCHEMA)
+    return Verdict(winner=VERDICTS[value["verdict"].lower()], rationale=value["rationale"].strip())
+
+
 # -- asking, with retries ----------------------------------------------------------------------
 def judge_with_retries(
     model,
@@ -278,12 +362,14 @@ def judge_with_retries(
     top_p: float = 0.95,
     max_new_tokens: int = 384,
     seed: int = 0,
+    json_schema: dict | None = None,
 ) -> list[Judged]:
     """Ask once for every item; ask again (new seed, sampling) only for malformed answers.
 
     Attempt k uses seed ``seed + k``; after the first attempt the temperature is
     ``temperature`` when that samples, else ``retry_temperature`` (a greedy retry would
-    repeat the same text).
+    repeat the same text). With ``json_schema`` the model is asked to decode JSON that
+    follows it (only backends with ``supports_json_schema`` take the argument).
     """
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
@@ -294,7 +380,11 @@ def judge_with_retries(
             break
         temp = temperature if attempt == 0 or temperature > 0 else retry_temperature
         sampling = Sampling(temperature=temp, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed + attempt)
-        outputs = model.generate([conversations[i] for i in pending], 1, sampling)
+        asked = [conversations[i] for i in pending]
+        if json_schema is None:
+            outputs = model.generate(asked, 1, sampling)
+        else:
+            outputs = model.generate(asked, 1, sampling, json_schema=json_schema)
         still = []
         for i, texts in zip(pending, outputs):
             text = texts[0] if texts else ""

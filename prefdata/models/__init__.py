@@ -33,6 +33,8 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"unknown backend '{backend}'; choose one of {list(BACKENDS)}")
     if backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ImportError(VLLM_MISSING)
+    if backend == "api" and importlib.util.find_spec("openai") is None:
+        raise ImportError("the api backend needs the openai package: pip install 'prefdata[api]'")
 
 
 def resolve_backend(backend: str, device: str) -> str:

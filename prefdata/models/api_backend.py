@@ -1,24 +1,29 @@
-"""An OpenAI-compatible chat-completions backend: vLLM's server, TGI, hosted APIs.
+"""An OpenAI-compatible chat-completions backend (vLLM's server, TGI, OpenAI), on the official SDK.
 
 Implements the ``generate`` part of the ``LanguageModel`` protocol (judges and samplers
-need nothing else). Requests run on a bounded thread pool (``concurrency``), each with a
-``timeout``; HTTP 429 and 5xx answers, timeouts and refused connections are retried with
-exponential backoff (``Retry-After`` honoured, capped at ``max_backoff``), other errors
-stop at once with the server's message. The API key is read from the environment
-variable named by ``api_key_env`` when a call starts — never from a config file — and is
-never logged: every message that could echo it is redacted. Only the standard library is
-used (``urllib`` + ``concurrent.futures``).
+need nothing else). One ``openai.OpenAI`` client per model and API key keeps its HTTP
+connections open across calls; retries (HTTP 408/409/429/5xx, timeouts, refused
+connections, with the SDK's exponential backoff and ``Retry-After``) and the per-request
+``timeout`` are the SDK's own (``max_retries``, ``timeout``). Requests run on a bounded
+thread pool (``concurrency`` in flight at most); results come back in input order.
+
+``generate(..., json_schema=...)`` asks for structured output — OpenAI's
+``response_format={"type": "json_schema", ...}``, which vLLM's OpenAI server also honours —
+so a judge's answer is JSON that follows the schema. A server that rejects the request
+(HTTP 400/422 about ``response_format``) raises ``StructuredOutputUnsupported``, whose
+message names the judge setting to change (``structured: off``).
+
+The API key is read from the environment variable named by ``api_key_env`` when a call
+starts — never from a config file — and is never logged; every message that could echo it
+is redacted. Install with ``pip install 'prefdata[api]'``.
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import logging
 import os
-import random
-import time
-import urllib.error
-import urllib.request
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,16 +34,31 @@ from prefdata.models.base import Conversation, LogProb, Sampling
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-RETRY_STATUS = {408, 409, 425, 429}
+NO_KEY = "EMPTY"  # what vLLM's docs pass to a server started without --api-key
 MAX_MESSAGE = 300
+MISSING = "the api backend needs the openai package: pip install 'prefdata[api]'"
+REMOVED = {"backoff": "the openai SDK backs off by itself", "max_backoff": "the openai SDK backs off by itself"}
+STRUCTURED_WORDS = ("response_format", "json_schema", "structured output", "guided")
 
 
 class ApiError(RuntimeError):
     """A request that failed for good: what happened, where, and what to do."""
 
 
+class StructuredOutputUnsupported(ApiError):
+    """The server refused a JSON-schema ``response_format``."""
+
+
+def require_openai() -> None:
+    """Fail early, naming the extra, when the ``openai`` package is not installed."""
+    if importlib.util.find_spec("openai") is None:
+        raise ImportError(MISSING)
+
+
 class ApiLM:
     """A chat model behind an OpenAI-compatible ``/chat/completions`` endpoint."""
+
+    supports_json_schema = True
 
     def __init__(
         self,
@@ -48,40 +68,61 @@ class ApiLM:
         concurrency: int = 8,
         timeout: float = 60.0,
         max_retries: int = 4,
-        backoff: float = 0.5,
-        max_backoff: float = 16.0,
         use_n: bool = False,
         extra_body: dict[str, Any] | None = None,
+        **removed: Any,
     ):
-        if concurrency < 1 or timeout <= 0 or max_retries < 0 or backoff < 0:
-            raise ValueError("api backend: need concurrency >= 1, timeout > 0, max_retries >= 0, backoff >= 0")
+        for option in removed:
+            why = REMOVED.get(option)
+            raise TypeError(f"api backend: unknown option {option!r}"
+                            + (f" (no longer used: {why}; remove it from model_options)" if why else ""))
+        if concurrency < 1 or timeout <= 0 or max_retries < 0:
+            raise ValueError("api backend: need concurrency >= 1, timeout > 0 and max_retries >= 0")
+        require_openai()
         self.name = name
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self.url = f"{self.base_url}/chat/completions"
         self.api_key_env = api_key_env
-        self.concurrency, self.timeout = concurrency, float(timeout)
-        self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
+        self.concurrency, self.timeout, self.max_retries = concurrency, float(timeout), max_retries
         self.use_n = use_n
         self.extra_body = dict(extra_body or {})
+        self._clients: dict[str | None, Any] = {}
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"ApiLM({self.name!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
 
+    def __getstate__(self) -> dict:  # clients hold sockets and locks; rebuilt after unpickling
+        state = dict(self.__dict__)
+        state["_clients"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     # -- the protocol ---------------------------------------------------------------------
-    def generate(self, conversations: list[Conversation], n: int, sampling: Sampling) -> list[list[str]]:
-        """``n`` replies per conversation; draw k of conversation i is seeded ``seed + i*n + k``."""
+    def generate(
+        self,
+        conversations: list[Conversation],
+        n: int,
+        sampling: Sampling,
+        json_schema: dict | None = None,
+    ) -> list[list[str]]:
+        """``n`` replies per conversation; draw k of conversation i is seeded ``seed + i*n + k``.
+
+        With ``json_schema`` the server is asked to answer with JSON that follows it.
+        """
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
         if not conversations:
             return []
         key = os.environ.get(self.api_key_env) or None
+        client = self._client(key)
         greedy = sampling.temperature <= 0
-        jobs = []  # (conversation index, body)
+        jobs = []  # (conversation index, request arguments)
         for i, conv in enumerate(conversations):
-            base = {"model": self.name, "messages": [dict(m) for m in conv],
-                    "max_tokens": sampling.max_new_tokens,
-                    "temperature": max(sampling.temperature, 0.0),
-                    **({} if greedy else {"top_p": sampling.top_p}), **self.extra_body}
+            base = self._request(conv, sampling, greedy, json_schema)
             if greedy:
                 jobs.append((i, dict(base, seed=sampling.seed + i * n)))
             elif self.use_n:
@@ -89,12 +130,11 @@ class ApiLM:
             else:
                 jobs.extend((i, dict(base, seed=sampling.seed + i * n + k)) for k in range(n))
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(jobs))) as pool:
-            futures = [pool.submit(self._complete, body, key) for _, body in jobs]
+            futures = [pool.submit(self._complete, client, args, key) for _, args in jobs]
             try:
                 results = [f.result() for f in futures]
             except BaseException:
-                for f in futures:
-                    f.cancel()
+                pool.shutdown(wait=False, cancel_futures=True)
                 raise
         texts: list[list[str]] = [[] for _ in conversations]
         for (i, _), choices in zip(jobs, results):
@@ -112,81 +152,89 @@ class ApiLM:
             "the api backend has no hidden states; use backend='transformers' for CHES"
         )
 
-    # -- one request, with retries ----------------------------------------------------------
-    def _complete(self, body: dict, key: str | None) -> list[str]:
-        """The choices' texts of one request; retried on 429/5xx/timeouts, else ApiError."""
-        data = json.dumps(body).encode("utf-8")
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        attempts = self.max_retries + 1
-        problem = ""
-        for attempt in range(attempts):
-            wait = None
-            try:
-                request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = response.read()
-                return self._choices(payload, key)
-            except urllib.error.HTTPError as exc:
-                message = _redact(_server_message(exc), key)
-                if exc.code in (401, 403):
-                    raise ApiError(
-                        f"{self.url}: authentication failed (HTTP {exc.code}: {message}); check the "
-                        f"API key in the environment variable {self.api_key_env}"
-                        + ("" if key else " (it is not set)")
-                    ) from None
-                if exc.code not in RETRY_STATUS and exc.code < 500:
-                    raise ApiError(f"{self.url}: HTTP {exc.code}: {message}") from None
-                problem = f"HTTP {exc.code}: {message}"
-                wait = _retry_after(exc.headers)
-            except (TimeoutError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                if isinstance(reason, TimeoutError) or isinstance(exc, TimeoutError):
-                    problem = f"timed out after {self.timeout:g} s"
-                else:
-                    problem = f"could not connect ({_redact(str(reason), key)})"
-            if attempt + 1 < attempts:
-                delay = min(self.max_backoff, wait if wait is not None else self.backoff * 2 ** attempt)
-                delay *= 1.0 if wait is not None else random.uniform(0.5, 1.0)
-                log.warning("%s: %s; retry %d/%d in %.2f s", self.url, problem, attempt + 1,
-                            self.max_retries, delay)
-                time.sleep(delay)
-        raise ApiError(
-            f"{self.url}: gave up after {attempts} attempt(s): {problem}; raise timeout/max_retries "
-            "or check the server"
-        )
+    # -- the client and one request -------------------------------------------------------
+    def _client(self, key: str | None):
+        """One SDK client per key (a key changed in the environment gets a new one)."""
+        with self._lock:
+            if key not in self._clients:
+                import openai
 
-    def _choices(self, payload: bytes, key: str | None) -> list[str]:
+                self._clients[key] = openai.OpenAI(
+                    api_key=key or NO_KEY, base_url=self.base_url, timeout=self.timeout,
+                    max_retries=self.max_retries,
+                )
+            return self._clients[key]
+
+    def _request(self, conv: Conversation, sampling: Sampling, greedy: bool, json_schema: dict | None) -> dict:
+        args: dict[str, Any] = {
+            "model": self.name, "messages": [dict(m) for m in conv],
+            "max_tokens": sampling.max_new_tokens, "temperature": max(sampling.temperature, 0.0),
+        }
+        if not greedy:
+            args["top_p"] = sampling.top_p
+        if json_schema is not None:
+            args["response_format"] = response_format(json_schema)
+        if self.extra_body:
+            args["extra_body"] = dict(self.extra_body)
+        return args
+
+    def _complete(self, client, args: dict, key: str | None) -> list[str]:
+        """The choices' texts of one request (the SDK retries); else ``ApiError``."""
+        import openai
+
         try:
-            choices = json.loads(payload)["choices"]
-            return [(c.get("message") or {}).get("content") or "" for c in choices]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            text = _redact(payload[:MAX_MESSAGE].decode("utf-8", "replace"), key)
-            raise ApiError(f"{self.url}: the answer is not a chat completion (no 'choices'): {text!r}") from None
+            reply = client.chat.completions.create(**args)
+        except openai.APIStatusError as exc:
+            raise self._status_error(exc, key, "response_format" in args) from None
+        except openai.APITimeoutError:
+            raise ApiError(f"{self.url}: timed out after {self.timeout:g} s, {self.max_retries + 1} "
+                           "attempt(s); raise timeout/max_retries or check the server") from None
+        except openai.APIConnectionError as exc:
+            cause = _redact(str(exc.__cause__ or exc), key)
+            raise ApiError(f"{self.url}: could not connect after {self.max_retries + 1} attempt(s) "
+                           f"({cause}); check base_url and that the server is up") from None
+        choices = getattr(reply, "choices", None)
+        if not isinstance(choices, list):
+            text = _redact(str(reply)[:MAX_MESSAGE], key)
+            raise ApiError(f"{self.url}: the answer is not a chat completion (no 'choices'): {text!r}")
+        return [(getattr(c.message, "content", None) or "") if c.message else "" for c in choices]
+
+    def _status_error(self, exc, key: str | None, structured: bool) -> ApiError:
+        code = exc.status_code
+        message = _redact(_server_message(exc), key)
+        if code in (401, 403):
+            return ApiError(
+                f"{self.url}: authentication failed (HTTP {code}: {message}); check the API key in "
+                f"the environment variable {self.api_key_env}" + ("" if key else " (it is not set)")
+            )
+        if structured and code in (400, 422) and any(w in message.lower() for w in STRUCTURED_WORDS):
+            return StructuredOutputUnsupported(
+                f"{self.url}: the server rejected the JSON-schema response_format (HTTP {code}: "
+                f"{message}); it does not support structured output for model {self.name!r} — set "
+                "`structured: off` on the judge step to parse free text instead"
+            )
+        if code in (408, 409, 429) or code >= 500:
+            return ApiError(f"{self.url}: gave up after {self.max_retries + 1} attempt(s): HTTP {code}: "
+                            f"{message}; raise max_retries or check the server")
+        return ApiError(f"{self.url}: HTTP {code}: {message}")
 
 
-def _server_message(exc: urllib.error.HTTPError) -> str:
-    try:
-        raw = exc.read()[:4096].decode("utf-8", "replace")
-    except Exception:
-        return exc.reason or ""
-    try:
-        err = json.loads(raw)
-        if isinstance(err, dict):
-            inner = err.get("error", err)
-            raw = inner.get("message", raw) if isinstance(inner, dict) else str(inner)
-    except ValueError:
-        pass
-    return str(raw).strip()[:MAX_MESSAGE] or str(exc.reason)
+def response_format(schema: dict) -> dict:
+    """OpenAI's structured-output request for a JSON schema (named by its ``title``)."""
+    return {"type": "json_schema",
+            "json_schema": {"name": schema.get("title", "output"), "schema": schema, "strict": True}}
 
 
-def _retry_after(headers) -> float | None:
-    value = headers.get("Retry-After") if headers is not None else None
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
+def _server_message(exc) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        text = inner.get("message") if isinstance(inner, dict) else inner
+        if text:
+            return str(text).strip()[:MAX_MESSAGE]
+    if isinstance(body, str) and body.strip():
+        return body.strip()[:MAX_MESSAGE]
+    return str(getattr(exc, "message", exc)).strip()[:MAX_MESSAGE]
 
 
 def _redact(text: str, key: str | None) -> str:

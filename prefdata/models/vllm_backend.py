@@ -3,6 +3,8 @@
 Prompts are templated with the model's own tokenizer and passed as token ids, so vLLM
 and the transformers backend see exactly the same tokens. Log-probabilities come from
 ``prompt_logprobs`` over the prompt+response sequence, prompt positions excluded.
+``generate(..., json_schema=...)`` constrains decoding to JSON that follows the schema
+(vLLM's structured outputs, called guided decoding before vLLM 0.10.2), for the judges.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 class VLLMModel:
     """A vLLM engine behind the ``LanguageModel`` protocol."""
+
+    supports_json_schema = True
 
     def __init__(
         self,
@@ -61,8 +65,10 @@ class VLLMModel:
         config = getattr(self.llm.llm_engine, "model_config", None)
         self.max_length = getattr(config, "max_model_len", None)
 
-    def generate(self, conversations: list[Conversation], n: int, sampling: Sampling) -> list[list[str]]:
-        """``n`` replies per conversation; request i is seeded with ``seed + i``."""
+    def generate(self, conversations: list[Conversation], n: int, sampling: Sampling,
+                 json_schema: dict | None = None) -> list[list[str]]:
+        """``n`` replies per conversation; request i is seeded with ``seed + i``; with
+        ``json_schema``, every reply is JSON that follows it."""
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
         prompts = [self._prompt_ids(c) for c in conversations]
@@ -77,6 +83,7 @@ class VLLMModel:
                 max_tokens=sampling.max_new_tokens,
                 seed=sampling.seed + i,
                 stop_token_ids=[self.tokenizer.eos_token_id],
+                **({} if json_schema is None else json_schema_params(json_schema)),
             )
             for i in range(len(prompts))
         ]
@@ -127,3 +134,17 @@ class VLLMModel:
                 f"model '{self.name}': item {index} needs {length} tokens ({what}) but the "
                 f"model's context is {self.max_length}; shorten that item or lower max_new_tokens"
             )
+
+
+def json_schema_params(schema: dict) -> dict:
+    """``SamplingParams`` keywords that constrain decoding to ``schema``, for the installed vLLM:
+    ``structured_outputs`` (0.10.2 and later) or ``guided_decoding`` (earlier)."""
+    import importlib
+
+    params = importlib.import_module("vllm.sampling_params")
+    if hasattr(params, "StructuredOutputsParams"):
+        return {"structured_outputs": params.StructuredOutputsParams(json=schema)}
+    if hasattr(params, "GuidedDecodingParams"):
+        return {"guided_decoding": params.GuidedDecodingParams(json=schema)}
+    raise ImportError("this vLLM has neither StructuredOutputsParams nor GuidedDecodingParams; "
+                      "upgrade vllm, or set structured: off on the judge step")

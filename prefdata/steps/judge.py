@@ -22,13 +22,20 @@ Malformed judge text is retried with another seed and then recorded as missing w
 reason (``prefdata.judging``); the counts go to the run summary. Prompts and parsers
 live in ``prefdata/judging.py``. The judge is any ``LanguageModel``: a local model, or
 ``backend: api`` with ``model_options: {base_url: ...}`` for a served one.
+
+``structured`` chooses how the answer is constrained: ``json_schema`` asks for JSON that
+follows the judge's schema (a server's ``response_format``, vLLM's guided decoding) and
+parses it strictly; ``off`` asks for the text format and parses it tolerantly; ``auto``
+(default) is ``json_schema`` for backends that can constrain decoding (api, vllm) and
+``off`` for the others (transformers), whose output is then unchanged.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +43,8 @@ import pyarrow as pa
 from prefdata import judging
 from prefdata.schema import stable_hash
 from prefdata.step import MapStep, Output
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,6 +63,7 @@ class JudgeConfig:
     dtype: str = "auto"
     batch_size: int = 16
     model_options: dict[str, Any] | None = None
+    structured: Literal["auto", "json_schema", "off"] = "auto"
 
 
 @dataclass
@@ -81,7 +91,11 @@ class _Judge(MapStep):
         problems = [p for p in problems if p]
         if problems:
             raise ValueError(f"{self.name}: {'; '.join(problems)}")
-        check_backend(c.backend)
+        check_backend(c.backend)  # also: the openai package for backend api
+        if c.structured == "json_schema" and c.backend == "transformers":
+            raise ValueError(f"{self.name}: structured: json_schema needs a backend that can constrain "
+                             "decoding (api or vllm); the transformers backend cannot — set "
+                             "structured: auto or off")
 
     def models(self) -> list:
         from prefdata.models.identity import ModelRef
@@ -108,15 +122,35 @@ class _Judge(MapStep):
     def new_columns(self) -> list[str]:
         raise NotImplementedError
 
-    def _ask(self, conversations, parse, key) -> list[judging.Judged]:
+    def as_json(self) -> bool:
+        """Whether to ask for JSON under a schema: ``structured`` resolved for the loaded model."""
         c = self.config
         if self.model is None:
             self.setup()
+        can = bool(getattr(self.model, "supports_json_schema", False))
+        if c.structured == "json_schema" and not can:
+            raise ValueError(f"{self.name}: structured: json_schema, but the {type(self.model).__name__} "
+                             "backend cannot constrain decoding to a schema; use backend api or vllm, "
+                             "or set structured: auto or off")
+        return c.structured == "json_schema" or (c.structured == "auto" and can)
+
+    def _ask(self, conversations, parse, key, schema=None) -> list[judging.Judged]:
+        from prefdata.models.api_backend import StructuredOutputUnsupported
+
+        c = self.config
         seed = int(stable_hash([c.seed, key], length=8), 16) & 0x7FFFFFFF
-        return judging.judge_with_retries(
-            self.model, conversations, parse, max_attempts=c.max_attempts, temperature=c.temperature,
-            retry_temperature=c.retry_temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens, seed=seed,
-        )
+        try:
+            results = judging.judge_with_retries(
+                self.model, conversations, parse, max_attempts=c.max_attempts, temperature=c.temperature,
+                retry_temperature=c.retry_temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
+                seed=seed, json_schema=schema,
+            )
+        except StructuredOutputUnsupported as exc:
+            raise StructuredOutputUnsupported(f"step '{self.name}' (name: {c.name}): {exc}") from None
+        if schema is not None and results and all(r.code == "invalid_json" for r in results):
+            log.warning("%s (%s): no answer in this shard was valid JSON; if the server ignores "
+                        "response_format, set structured: off", self.name, c.name)
+        return results
 
 
 class JudgeRubric(_Judge):
@@ -138,9 +172,15 @@ class JudgeRubric(_Judge):
         table = table.drop_columns([c for c in self.new_columns() if c in table.column_names])
         prompts = table.column("prompt").to_pylist()
         responses = table.column("response").to_pylist()
-        convs = [judging.rubric_conversation(p, r, self.config.system) for p, r in zip(prompts, responses)]
-        key = _row_key(table, ["response_id"], ["prompt", "response"])
-        results = self._ask(convs, judging.parse_rubric, key) if convs else []
+        if not prompts:
+            results = []
+        else:
+            as_json = self.as_json()
+            convs = [judging.rubric_conversation(p, r, self.config.system, as_json)
+                     for p, r in zip(prompts, responses)]
+            key = _row_key(table, ["response_id"], ["prompt", "response"])
+            results = (self._ask(convs, judging.parse_rubric_json, key, judging.RUBRIC_SCHEMA) if as_json
+                       else self._ask(convs, judging.parse_rubric, key))
         ratings = {f: [r.value.ratings[f] if r.value else None for r in results] for f in judging.RUBRIC_FIELDS}
         rationale_type = pa.struct([(f, pa.string()) for f in judging.RUBRIC_FIELDS])
         columns = {f"score_{n}": pa.array(ratings["overall"], pa.float64())}
@@ -182,9 +222,13 @@ class JudgePairwise(_Judge):
     def _both_orders(self, prompts, first, second, key):
         """Verdicts for (first as A, second as B) and the swap, as 'first'|'second'|'tie'|None."""
         sys = self.config.system
-        convs = ([judging.pairwise_conversation(p, a, b, sys) for p, a, b in zip(prompts, first, second)]
-                 + [judging.pairwise_conversation(p, b, a, sys) for p, a, b in zip(prompts, first, second)])
-        results = self._ask(convs, judging.parse_pairwise, key) if convs else []
+        results = []
+        if prompts:
+            js = self.as_json()
+            convs = ([judging.pairwise_conversation(p, a, b, sys, js) for p, a, b in zip(prompts, first, second)]
+                     + [judging.pairwise_conversation(p, b, a, sys, js) for p, a, b in zip(prompts, first, second)])
+            results = (self._ask(convs, judging.parse_pairwise_json, key, judging.PAIRWISE_SCHEMA) if js
+                       else self._ask(convs, judging.parse_pairwise, key))
         half = len(prompts)
         ab = [_as_slot(r, {"A": "first", "B": "second"}) for r in results[:half]]
         ba = [_as_slot(r, {"A": "second", "B": "first"}) for r in results[half:]]

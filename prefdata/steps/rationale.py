@@ -11,6 +11,9 @@ shorter than ``min_chars``, longer than ``max_chars``, or one that repeats an an
 answer of 20+ characters inside it, or it is a piece of an answer) — is retried with
 sampling (``retry_temperature``, a new seed each time) up to ``retries`` times, then
 recorded as missing: ``rationale`` is null and the run summary counts it by reason.
+
+The judge is any ``LanguageModel``; ``backend: api`` with ``model_options: {base_url: ...,
+api_key_env: ...}`` uses a served one (the options go to the backend, as for the judges).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
@@ -50,6 +54,7 @@ class RationaleConfig:
     min_chars: int = 10
     max_chars: int = 600
     seed: int = 0
+    model_options: dict[str, Any] | None = None
 
 
 class Rationale(MapStep):
@@ -83,13 +88,16 @@ class Rationale(MapStep):
         from prefdata.models.identity import ModelRef
 
         c = self.config
-        return [ModelRef(c.model, backend=c.backend, device=c.device, dtype=c.dtype)]
+        base_url = (c.model_options or {}).get("base_url") if c.backend == "api" else None
+        return [ModelRef(c.model, kind="api" if c.backend == "api" else "lm", backend=c.backend,
+                         device=c.device, dtype=c.dtype, base_url=base_url)]
 
     def setup(self) -> None:
         from prefdata.models import load_model
 
         c = self.config
-        self.model = load_model(c.model, backend=c.backend, device=c.device, dtype=c.dtype, batch_size=c.batch_size)
+        self.model = load_model(c.model, backend=c.backend, device=c.device, dtype=c.dtype,
+                                batch_size=c.batch_size, **(c.model_options or {}))
 
     def teardown(self) -> None:
         self.model = None

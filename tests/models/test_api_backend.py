@@ -1,7 +1,12 @@
-"""The API backend against a real HTTP server on 127.0.0.1, with scripted behaviours."""
+"""The API backend (official openai SDK) against a real HTTP server on 127.0.0.1.
+
+The server speaks the chat-completions protocol as the SDK sends it (HTTP/1.1 keep-alive,
+JSON bodies, ``response_format`` for structured output) and behaves by model name.
+"""
 
 import json
 import logging
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -9,39 +14,57 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pyarrow as pa
 import pytest
 
-from prefdata.models import Sampling, clear_cache, load_model
-from prefdata.models.api_backend import ApiError, ApiLM
+pytest.importorskip("openai", reason="the api backend needs openai (pip install 'prefdata[api]')")
+
+from prefdata import judging  # noqa: E402
+from prefdata.models import Sampling, clear_cache, load_model  # noqa: E402
+from prefdata.models.api_backend import ApiError, ApiLM, StructuredOutputUnsupported  # noqa: E402
+from prefdata.steps.judge import JudgePairwise, JudgeRubric  # noqa: E402
 
 KEY = "sk-test-0123456789abcdef-secret"
 RUBRIC = ("Helpfulness: 4\nRationale: ok\nHonesty: 5\nRationale: ok\nInstruction following: 4\n"
           "Rationale: ok\nTruthfulness: 5\nRationale: ok\nOverall: 4\nRationale: ok")
+RUBRIC_JSON = {f: {"rationale": f"{f} is fine", "rating": r}
+               for f, r in zip(judging.RUBRIC_FIELDS, (4, 5, 3, 5, 4))}
 
 
 class Server:
     """`/v1/chat/completions` whose behaviour is the request's model name:
 
-    ok      200, content "<last user message>|seed=<seed>" (n choices when n is given)
-    flaky   500 on the first request for a message, then as ok
-    busy    429 (Retry-After: 0) on the first request for a message, then as ok
-    slow    sleeps 1 s, then as ok
-    bad     400 with an error message
-    judge   200 with a well-formed UltraFeedback rubric answer
+    ok          200, content "<last user message>|seed=<seed>" (n choices when n is given)
+    flaky       500 on the first request for a message, then as ok
+    busy        429 (Retry-After: 0) on the first request for a message, then as ok
+    slow        sleeps 1 s, then as ok
+    steady      sleeps 0.25 s, then as ok
+    bad         400 with an error message
+    judge       200 with a well-formed UltraFeedback rubric in the text format
+    json        structured output: 400 unless the request carries a json_schema
+                response_format; then JSON for that schema (rubric, or a verdict for
+                the response that contains GOOD)
+    json_broken 200 with truncated, invalid JSON
+    no_schema   400 "response_format ... not supported" when a response_format is sent,
+                else as judge
+    explain     200, "Answer A is more accurate than answer B." (a rationale)
     Any request whose bearer token is not KEY gets 401, with the token echoed back.
     """
 
     def __init__(self):
         self.requests, self.seen, self.in_flight, self.max_in_flight = [], set(), 0, 0
+        self.connections = set()
         self.lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the SDK's client expects
+
             def log_message(self, *args):
                 pass
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
-                    server.requests.append((self.path, dict(self.headers), body))
+                    server.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                    server.connections.add(self.client_address)
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
@@ -60,19 +83,41 @@ class Server:
                 with server.lock:
                     first = (model, user) not in server.seen
                     server.seen.add((model, user))
+                fmt = body.get("response_format")
                 if model == "flaky" and first:
                     return self.send(500, {"error": {"message": "internal error"}})
                 if model == "busy" and first:
                     return self.send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
                 if model == "bad":
                     return self.send(400, {"error": {"message": "max_tokens is too large"}})
-                if model == "slow":
-                    time.sleep(1.0)
+                if model == "no_schema" and fmt:
+                    return self.send(400, {"error": {"message": "response_format type 'json_schema' is not supported"}})
+                if model == "json" and (fmt or {}).get("type") != "json_schema":
+                    return self.send(400, {"error": {"message": "this test model answers only under a json_schema"}})
+                if model in ("slow", "steady"):
+                    time.sleep(1.0 if model == "slow" else 0.25)
                 time.sleep(0.02)
-                text = RUBRIC if model == "judge" else f"{user}|seed={body.get('seed')}"
-                choices = [{"index": k, "message": {"role": "assistant", "content": text if k == 0 else f"{text}|{k}"}}
+                text = self.text(model, user, body, fmt)
+                choices = [{"index": k, "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": text if k == 0 else f"{text}|{k}"}}
                            for k in range(body.get("n", 1))]
-                self.send(200, {"id": "x", "object": "chat.completion", "choices": choices})
+                self.send(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0,
+                                "model": model, "choices": choices})
+
+            def text(self, model, user, body, fmt):
+                if model in ("judge", "no_schema"):
+                    return RUBRIC
+                if model == "explain":
+                    return "Answer A is more accurate than answer B."
+                if model == "json_broken":
+                    return '{"helpfulness": {"rationale": "cut off'
+                if model == "json":
+                    schema = fmt["json_schema"]["schema"]
+                    if schema["title"] == "pairwise_verdict":
+                        a = user.split("[Response A]\n")[1].split("\n\n[Response B]")[0]
+                        return json.dumps({"rationale": "GOOD wins.", "verdict": "A" if "GOOD" in a else "B"})
+                    return json.dumps(RUBRIC_JSON)
+                return f"{user}|seed={body.get('seed')}"
 
             def send(self, status, payload, headers=None):
                 data = json.dumps(payload).encode()
@@ -90,10 +135,13 @@ class Server:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
 
     def count(self, model):
         return sum(1 for _, _, body in self.requests if body["model"] == model)
+
+    def bodies(self, model):
+        return [body for _, _, body in self.requests if body["model"] == model]
 
 
 @pytest.fixture
@@ -103,6 +151,7 @@ def server():
     yield s
     s.httpd.shutdown()
     s.httpd.server_close()
+    clear_cache()
 
 
 @pytest.fixture
@@ -119,44 +168,54 @@ def _api(server, model="ok", **kw):
     return ApiLM(model, base_url=server.url, api_key_env="PREFDATA_TEST_KEY", **kw)
 
 
-def test_success_order_seeds_headers_and_bounded_concurrency(server, key):
+def test_success_order_seeds_headers_bounded_concurrency_and_kept_connections(server, key):
     lm = _api(server, concurrency=3)
     out = lm.generate(CONVS, 2, SAMPLING)
     assert out == [[f"question {i}|seed={10 + 2 * i + k}" for k in range(2)] for i in range(6)]
     assert len(server.requests) == 12 and 1 < server.max_in_flight <= 3
     path, headers, body = server.requests[0]
-    assert path == "/v1/chat/completions" and headers["Authorization"] == f"Bearer {KEY}"
+    assert path == "/v1/chat/completions" and headers["authorization"] == f"Bearer {KEY}"
+    assert headers["user-agent"].startswith("OpenAI/Python")  # the official SDK sent it
     assert body["temperature"] == 0.7 and body["top_p"] == 0.9 and body["max_tokens"] == 16
-    # greedy: one request per conversation, the reply repeated
-    server.requests.clear()
+    assert "response_format" not in body
+    # greedy: one request per conversation, the reply repeated; same client, same sockets
     greedy = lm.generate(CONVS[:2], 3, Sampling(temperature=0.0, max_new_tokens=4, seed=0))
-    assert greedy == [["question 0|seed=0"] * 3, ["question 1|seed=3"] * 3] and len(server.requests) == 2
+    assert greedy == [["question 0|seed=0"] * 3, ["question 1|seed=3"] * 3] and len(server.requests) == 14
+    assert len(server.connections) <= 3  # 14 requests over at most `concurrency` kept-alive connections
     # the n parameter: one request, n choices
     server.requests.clear()
     assert _api(server, use_n=True).generate(CONVS[:1], 2, SAMPLING) == [["question 0|seed=10", "question 0|seed=10|1"]]
     assert len(server.requests) == 1 and server.requests[0][2]["n"] == 2
 
 
-def test_500_and_429_are_retried_then_succeed(server, key, caplog):
-    caplog.set_level(logging.WARNING)
-    out = _api(server, "flaky", backoff=0.01).generate(CONVS[:2], 1, SAMPLING)
+def test_concurrency_bound_is_respected_under_load(server, key):
+    convs = [[{"role": "user", "content": f"load {k}"}] for k in range(16)]
+    out = _api(server, "steady", concurrency=4, timeout=10).generate(convs, 1, SAMPLING)
+    assert [o[0].split("|")[0] for o in out] == [f"load {k}" for k in range(16)]  # input order kept
+    assert server.max_in_flight == 4
+
+
+def test_500_and_429_are_retried_by_the_sdk_then_succeed(server, key):
+    out = _api(server, "flaky").generate(CONVS[:2], 1, SAMPLING)
     assert out == [["question 0|seed=10"], ["question 1|seed=11"]]
     assert server.count("flaky") == 4  # each message: 500, then 200
-    assert "HTTP 500: internal error; retry 1/4" in caplog.text
-    assert _api(server, "busy", backoff=5.0).generate(CONVS[:1], 1, SAMPLING) == [["question 0|seed=10"]]
-    assert server.count("busy") == 2  # Retry-After: 0 wins over the 5 s backoff
+    start = time.perf_counter()
+    assert _api(server, "busy").generate(CONVS[:1], 1, SAMPLING) == [["question 0|seed=10"]]
+    assert server.count("busy") == 2 and time.perf_counter() - start < 5
+    with pytest.raises(ApiError, match=r"gave up after 1 attempt\(s\): HTTP 500: internal error"):
+        _api(server, "flaky", max_retries=0).generate([[{"role": "user", "content": "new"}]], 1, SAMPLING)
 
 
 def test_timeout_is_a_clear_error(server, key):
-    lm = _api(server, "slow", timeout=0.2, max_retries=1, backoff=0.01)
+    lm = _api(server, "slow", timeout=0.2, max_retries=1)
     start = time.perf_counter()
-    with pytest.raises(ApiError, match=r"gave up after 2 attempt\(s\): timed out after 0.2 s"):
+    with pytest.raises(ApiError, match=r"timed out after 0.2 s, 2 attempt\(s\); raise timeout/max_retries"):
         lm.generate(CONVS[:1], 1, SAMPLING)
-    assert time.perf_counter() - start < 1.5
+    assert time.perf_counter() - start < 3.0 and server.count("slow") == 2
 
 
 def test_bad_key_is_a_clear_error_and_never_shown(server, monkeypatch, caplog):
-    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG)  # the SDK's and httpx's debug logs included
     wrong = "sk-wrong-key-abcdef0123456789"
     monkeypatch.setenv("PREFDATA_TEST_KEY", wrong)
     lm = _api(server)
@@ -165,7 +224,8 @@ def test_bad_key_is_a_clear_error_and_never_shown(server, monkeypatch, caplog):
     message = str(err.value)
     assert "authentication failed (HTTP 401" in message and "PREFDATA_TEST_KEY" in message
     assert wrong not in message and wrong[-8:] not in message and "[redacted]" in message
-    assert wrong not in caplog.text and wrong not in repr(lm)
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # no SDK traceback with the key
+    assert wrong not in caplog.text and wrong[-8:] not in caplog.text and wrong not in repr(lm)
     assert server.count("ok") == 1  # an auth failure is not retried
     monkeypatch.delenv("PREFDATA_TEST_KEY")
     with pytest.raises(ApiError, match="it is not set"):
@@ -176,23 +236,117 @@ def test_client_errors_stop_at_once_and_unreachable_servers_are_named(server, ke
     with pytest.raises(ApiError, match="HTTP 400: max_tokens is too large"):
         _api(server, "bad").generate(CONVS[:1], 1, SAMPLING)
     assert server.count("bad") == 1
-    closed = ApiLM("ok", base_url="http://127.0.0.1:9/v1", api_key_env="PREFDATA_TEST_KEY",
-                   max_retries=1, backoff=0.01)
-    with pytest.raises(ApiError, match=r"gave up after 2 attempt\(s\): could not connect"):
+    closed = ApiLM("ok", base_url="http://127.0.0.1:9/v1", api_key_env="PREFDATA_TEST_KEY", max_retries=0)
+    with pytest.raises(ApiError, match=r"127.0.0.1:9/v1/chat/completions: could not connect after 1 attempt"):
         closed.generate(CONVS[:1], 1, SAMPLING)
 
 
-def test_load_model_dispatches_and_a_judge_step_runs_over_http(server, key):
-    from prefdata.steps.judge import JudgeRubric
+def test_removed_and_unknown_options_are_named():
+    with pytest.raises(TypeError, match="'backoff'.*no longer used: the openai SDK backs off"):
+        ApiLM("ok", base_url="http://127.0.0.1:9/v1", backoff=0.5)
+    with pytest.raises(TypeError, match="unknown option 'retries'"):
+        ApiLM("ok", base_url="http://127.0.0.1:9/v1", retries=3)
 
+
+def test_missing_openai_is_named_at_step_creation(monkeypatch):
+    # sys.modules[name] = None is how Python blocks an import: the uninstalled case, on demand
+    monkeypatch.setitem(sys.modules, "openai", None)
+    with pytest.raises(ImportError, match=r"pip install 'prefdata\[api\]'"):
+        JudgeRubric(backend="api", model="judge")
+    with pytest.raises(ImportError, match=r"pip install 'prefdata\[api\]'"):
+        ApiLM("ok", base_url="http://127.0.0.1:9/v1")
+    JudgeRubric(backend="transformers")  # other backends do not need it
+
+
+# -- judges over HTTP ------------------------------------------------------------------------
+def _options(server):
+    return {"base_url": server.url, "api_key_env": "PREFDATA_TEST_KEY", "max_retries": 0}
+
+
+def _responses(n=3):
+    return pa.table({"prompt": CONVS[:n], "response": [f"answer {k}" for k in range(n)]})
+
+
+def _pairs(n=2):
+    return pa.table({
+        "pair_id": [f"p{k}" for k in range(n)],
+        "prompt": [[{"role": "user", "content": f"Question {k}?"}] for k in range(n)],
+        "chosen": [[{"role": "assistant", "content": f"GOOD answer {k}"}] for k in range(n)],
+        "rejected": [[{"role": "assistant", "content": f"poor answer {k}"}] for k in range(n)],
+    })
+
+
+def test_load_model_dispatches_and_a_text_judge_runs_over_http(server, key):
     lm = load_model("judge", backend="api", base_url=server.url, api_key_env="PREFDATA_TEST_KEY")
     assert isinstance(lm, ApiLM)
     with pytest.raises(NotImplementedError, match="cannot score log-probabilities"):
         lm.logprobs(CONVS[:1], ["x"])
-    step = JudgeRubric(model="judge", backend="api",
-                       model_options={"base_url": server.url, "api_key_env": "PREFDATA_TEST_KEY"})
-    table = pa.table({"prompt": CONVS[:3], "response": ["a", "b", "c"]})
-    out = step.process(table).table
+    step = JudgeRubric(model="judge", backend="api", structured="off", model_options=_options(server))
+    out = step.process(_responses()).table
     assert out.column("score_judge").to_pylist() == [4.0, 4.0, 4.0]
     assert out.column("score_judge_truthfulness").to_pylist() == [5.0, 5.0, 5.0]
-    clear_cache()
+    assert all("response_format" not in b for b in server.bodies("judge"))
+    assert "Answer in exactly this format" in server.bodies("judge")[0]["messages"][-1]["content"]
+
+
+def test_rubric_judge_requests_the_schema_and_fills_its_columns(server, key):
+    step = JudgeRubric(model="json", backend="api", name="uf", model_options=_options(server))  # structured: auto
+    out = step.process(_responses())
+    rows = out.table.to_pylist()
+    body = server.bodies("json")[0]
+    fmt = body["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"] == judging.RUBRIC_SCHEMA
+    assert fmt["json_schema"]["name"] == "ultrafeedback_rubric" and fmt["json_schema"]["strict"] is True
+    assert "Answer with one JSON object" in body["messages"][-1]["content"]
+    assert [r["score_uf"] for r in rows] == [4.0, 4.0, 4.0]
+    assert (rows[0]["score_uf_helpfulness"], rows[0]["score_uf_instruction_following"]) == (4.0, 3.0)
+    assert rows[0]["uf_rationales"]["honesty"] == "honesty is fine" and rows[0]["uf_error"] is None
+    assert out.counts["uf_parsed"] == 3 and server.count("json") == 3
+
+
+def test_pairwise_judge_under_the_schema_in_both_orders(server, key):
+    step = JudgePairwise(model="json", backend="api", structured="json_schema", model_options=_options(server))
+    rows = step.process(_pairs()).table.to_pylist()
+    assert [r["judge_verdict"] for r in rows] == ["chosen", "chosen"]
+    assert [r["judge_agreement"] for r in rows] == [True, True] and rows[0]["judge_rationale"] == "GOOD wins."
+    assert all(b["response_format"]["json_schema"]["schema"] == judging.PAIRWISE_SCHEMA
+               for b in server.bodies("json"))
+    assert server.count("json") == 4
+
+
+def test_invalid_json_under_the_schema_is_retried_then_missing_with_the_reason(server, key, caplog):
+    step = JudgeRubric(model="json_broken", backend="api", name="uf", max_attempts=3,
+                       model_options=_options(server))
+    out = step.process(_responses(2))
+    rows = out.table.to_pylist()
+    assert all(r["score_uf"] is None and r["uf_attempts"] == 3 for r in rows)
+    assert rows[0]["uf_error"].startswith("invalid_json: not valid JSON (")
+    assert rows[0]["uf_error"].endswith("(after 3 attempts)")
+    seeds = [b["seed"] for b in server.bodies("json_broken") if b["messages"] == server.bodies("json_broken")[0]["messages"]]
+    assert len(seeds) == 3 and len(set(seeds)) == 3  # asked again with new seeds
+    assert out.counts["uf_missing_invalid_json"] == 2 and server.count("json_broken") == 6
+    assert "set structured: off" in caplog.text
+
+
+def test_a_server_that_rejects_response_format_names_the_setting(server, key):
+    step = JudgeRubric(model="no_schema", backend="api", model_options=_options(server))
+    with pytest.raises(StructuredOutputUnsupported) as err:
+        step.process(_responses(1))
+    message = str(err.value)
+    assert "step 'judge_rubric'" in message and "set `structured: off`" in message
+    assert "HTTP 400: response_format type 'json_schema' is not supported" in message
+    assert server.count("no_schema") == 1  # not retried
+    off = JudgeRubric(model="no_schema", backend="api", structured="off", model_options=_options(server))
+    assert off.process(_responses(1)).table.column("score_judge").to_pylist() == [4.0]
+
+
+def test_rationale_step_runs_over_http_with_model_options(server, key):
+    from prefdata.steps.rationale import Rationale
+
+    step = Rationale(model="explain", backend="api", model_options=_options(server))
+    step.setup()
+    out = step.process(_pairs(2))
+    assert out.table.column("rationale").to_pylist() == ["Answer A is more accurate than answer B."] * 2
+    bodies = server.bodies("explain")
+    assert len(bodies) == 2 and all(b["temperature"] == 0 and "response_format" not in b for b in bodies)
+    assert sorted("GOOD answer 0" in b["messages"][-1]["content"] for b in bodies) == [False, True]

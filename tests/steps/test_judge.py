@@ -256,6 +256,107 @@ def test_columns_and_bad_configs():
         JudgePairwise(on="prompts")
 
 
+# -- structured (JSON-schema) output ----------------------------------------------------------
+import json  # noqa: E402
+
+GOOD_JSON = {f: {"rationale": f"{f} ok", "rating": r}
+             for f, r in zip(judging.RUBRIC_FIELDS, (4, 5, 3, 4, 4))}
+
+
+def _json_with(path, value):
+    doc = json.loads(json.dumps(GOOD_JSON))
+    target = doc
+    for k in path[:-1]:
+        target = target[k]
+    if value is KeyError:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return json.dumps(doc)
+
+
+MALFORMED_JSON_RUBRICS = [
+    ("", "empty"),
+    (GOOD_RUBRIC, "invalid_json"),  # the text format is not accepted under a schema
+    ('{"helpfulness": {"rationale": "cut', "invalid_json"),
+    ("```json\n" + json.dumps(GOOD_JSON) + "\n```", "invalid_json"),
+    ("[4, 5, 3, 4, 4]", "schema_mismatch"),
+    (_json_with(["overall"], KeyError), "schema_mismatch"),
+    (_json_with(["harmlessness"], {"rationale": "", "rating": 5}), "schema_mismatch"),
+    (_json_with(["honesty", "rating"], 7), "schema_mismatch"),
+    (_json_with(["honesty", "rating"], 0), "schema_mismatch"),
+    (_json_with(["honesty", "rating"], 4.0), "schema_mismatch"),
+    (_json_with(["honesty", "rating"], "4"), "schema_mismatch"),
+    (_json_with(["honesty", "rating"], True), "schema_mismatch"),
+    (_json_with(["honesty", "rationale"], None), "schema_mismatch"),
+    (_json_with(["honesty", "rationale"], KeyError), "schema_mismatch"),
+    (_json_with(["honesty", "confidence"], 0.9), "schema_mismatch"),
+]
+
+
+@pytest.mark.parametrize("text,code", MALFORMED_JSON_RUBRICS)
+def test_json_rubrics_are_checked_strictly_against_the_schema(text, code):
+    with pytest.raises(ParseError) as err:
+        judging.parse_rubric_json(text)
+    assert err.value.code == code, err.value
+
+
+def test_json_rubric_and_verdict_parse():
+    got = judging.parse_rubric_json("\n " + json.dumps(GOOD_JSON) + " \n")
+    assert got.ratings == {"helpfulness": 4, "honesty": 5, "instruction_following": 3,
+                           "truthfulness": 4, "overall": 4}
+    assert got.rationales["honesty"] == "honesty ok"
+    assert judging.parse_pairwise_json('{"rationale": " A is right. ", "verdict": "A"}') == judging.Verdict("A", "A is right.")
+    assert judging.parse_pairwise_json('{"verdict": "C", "rationale": ""}').winner == "tie"
+    for bad, detail in [('{"rationale": "x", "verdict": "a"}', "not one of"), ('{"verdict": "A"}', "lacks 'rationale'"),
+                        ('{"rationale": "x", "verdict": "A", "score": 1}', "unknown key")]:
+        with pytest.raises(ParseError, match=detail):
+            judging.parse_pairwise_json(bad)
+
+
+class SchemaJudge(FixedJudge):
+    """A stub of a backend that can constrain decoding: records the schema it was given."""
+
+    supports_json_schema = True
+
+    def generate(self, conversations, n, sampling, json_schema=None):
+        self.calls.append((len(conversations), sampling, json_schema))
+        return [[self.answer(c[-1]["content"], sampling)] * n for c in conversations]
+
+
+def test_structured_auto_asks_for_json_where_the_backend_can_constrain():
+    stub = SchemaJudge(lambda text, s: json.dumps(GOOD_JSON) if "Answer with one JSON object" in text else GOOD_RUBRIC)
+    out = _judge(JudgeRubric, stub, name="uf").process(_responses())
+    assert stub.calls[0][2] == judging.RUBRIC_SCHEMA
+    assert out.table.column("score_uf_honesty").to_pylist() == [5.0, 5.0]
+    assert out.table.to_pylist()[0]["uf_rationales"]["overall"] == "overall ok"
+    off = SchemaJudge(lambda text, s: GOOD_RUBRIC)
+    assert _judge(JudgeRubric, off, structured="off").process(_responses()).table.column("score_judge").to_pylist() == [4.0, 4.0]
+    assert off.calls[0][2] is None  # off: no schema, the text format and its tolerant parser
+
+    def verdict(text, s):
+        a = text.split("[Response A]\n")[1].split("\n\n[Response B]")[0]
+        return json.dumps({"rationale": "because", "verdict": "A" if "GOOD" in a else "B"})
+
+    pw = SchemaJudge(verdict)
+    row = _judge(JudgePairwise, pw).process(_pairs(1)).table.to_pylist()[0]
+    assert row["judge_verdict"] == "chosen" and row["judge_agreement"] is True and pw.calls[0][2] == judging.PAIRWISE_SCHEMA
+
+
+def test_structured_json_schema_needs_a_backend_that_can_constrain():
+    with pytest.raises(ValueError, match="structured: json_schema needs a backend that can constrain"):
+        JudgeRubric(backend="transformers", structured="json_schema")
+    with pytest.raises(ValueError, match=r"structured.*'xml' is not one of \['auto', 'json_schema', 'off'\]"):
+        JudgePairwise(structured="xml")
+    step = _judge(JudgeRubric, FixedJudge(lambda t, s: GOOD_RUBRIC), structured="json_schema")
+    with pytest.raises(ValueError, match="FixedJudge backend cannot constrain decoding.*structured: auto or off"):
+        step.process(_responses())
+    # a backend that cannot constrain gets the unchanged text prompt under auto
+    text = FixedJudge(lambda t, s: GOOD_RUBRIC)
+    _judge(JudgeRubric, text).process(_responses())
+    assert text.calls and JudgeRubric().config.structured == "auto"
+
+
 @pytest.fixture
 def one_thread():
     """Generation on a shared 2-core machine: one torch thread avoids thread contention."""
@@ -276,3 +377,19 @@ def test_smollm2_runs_both_judges_end_to_end(one_thread):
     assert row["judge_attempts"] in (1, 2)
     pair = JudgePairwise(**kw).process(_pairs(1)).table.to_pylist()[0]
     assert pair["judge_verdict"] in ("chosen", "rejected", "tie") or pair["judge_error"]
+
+
+@pytest.mark.gpu
+def test_vllm_guided_decoding_gives_schema_json(one_thread):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("vllm", reason="vllm is not installed (pip install 'prefdata[vllm]')")
+    if not torch.cuda.is_available():
+        pytest.skip("the vLLM backend needs a CUDA GPU")
+    from prefdata.models.vllm_backend import json_schema_params
+
+    assert set(json_schema_params(judging.PAIRWISE_SCHEMA)) <= {"structured_outputs", "guided_decoding"}
+    out = JudgeRubric(backend="vllm", max_new_tokens=512, max_attempts=1,
+                      model_options={"gpu_memory_utilization": 0.3}).process(_responses())
+    assert out.counts["judge_parsed"] >= 1  # guided decoding: JSON by construction
+    # the only way to miss is a JSON object cut off by max_new_tokens, never a format error
+    assert all(e is None or e.startswith("invalid_json") for e in out.table.column("judge_error").to_pylist())
