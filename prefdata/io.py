@@ -1,6 +1,9 @@
-"""Atomic parquet and JSON writes: a temp file in the same folder, then a rename.
+"""Atomic parquet, JSON and text writes: a temp file in the same folder, then a rename.
 
-A run killed at any moment never leaves a half-written file under a final name.
+A run killed at any moment never leaves a half-written file under a final name. The temp
+file is created private (``mkstemp`` makes it 0600) and given the mode a plain ``open``
+would have given it (0666 less the umask) before the rename, so finished files are
+readable like any other file the user writes.
 """
 
 from __future__ import annotations
@@ -15,10 +18,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (no thread race)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_path(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     return Path(tmp)
 
 
@@ -48,16 +67,40 @@ def redact(text: str) -> str:
     return text
 
 
-def write_json(obj, path: str | Path, redact_secrets: bool = False) -> Path:
+def write_json(obj, path: str | Path, redact_secrets: bool = False, sort_keys: bool = False) -> Path:
+    """Keys stay in their insertion order by default: a recipe saved in a summary reads back
+    in the order its author wrote it (the dataset card shows it)."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, default=str)
+    return write_text(redact(text) if redact_secrets else text, path)
+
+
+def write_text(text: str | bytes, path: str | Path) -> Path:
+    """Atomically write text (or bytes: a rendered PNG)."""
     path = Path(path)
     tmp = _tmp_path(path)
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
     try:
-        tmp.write_text(redact(text) if redact_secrets else text)
+        if isinstance(text, bytes):
+            tmp.write_bytes(text)
+        else:
+            tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+STEP_METADATA = "prefdata_step:"  # + step name: that step's metadata (e.g. noise's ε) in the output parquet
+
+
+def step_metadata(summary: dict) -> dict:
+    """Key-value metadata for a run's output parquet: each step's metadata under
+    ``prefdata_step:<name>``, so what a global step measured (ε and its standard error)
+    travels with the data file itself."""
+    out = {}
+    for s in summary.get("steps", []):
+        if s.get("metadata"):
+            out[STEP_METADATA + s["step"]] = json.loads(json.dumps(s["metadata"], default=str))
+    return out
 
 
 def read_metadata(path: str | Path, key: str):
