@@ -239,3 +239,138 @@ def test_global_step_output_is_resharded_by_prompt(prompts, tmp_path):
     top_dir = pipe.step_dirs()[3]
     n_prompts = len(set(out["prompt_id"].to_pylist()))
     assert len(list(top_dir.glob("shard-*.parquet"))) == -(-n_prompts // 2)
+
+
+# -- prompt-level reuse ------------------------------------------------------------------
+@dataclass
+class LimitedReadConfig:
+    path: str = ""
+    limit: int | None = None
+
+
+class LimitedRead(Source):
+    name = "read_limited"
+    Config = LimitedReadConfig
+
+    def output_columns(self, columns):
+        return ["prompt_id", "text"]
+
+    def fingerprint_extra(self):
+        import hashlib
+
+        return hashlib.sha256(Path(self.config.path).read_bytes()).hexdigest()
+
+    def read(self):
+        table = pq.read_table(self.config.path)
+        table = table.filter(pa.compute.not_equal(table["text"], ""))
+        return table if self.config.limit is None else table.slice(0, self.config.limit)
+
+
+class CountingExpand(Expand):
+    """Expand that counts the prompts it is handed (what a model would be asked)."""
+
+    name = "expand"
+
+    def process(self, table):
+        CALLS["expand.prompts"] = CALLS.get("expand.prompts", 0) + len(set(table["prompt_id"].to_pylist()))
+        return super().process(table)
+
+
+def make_limited(prompts, tmp_path, limit=None, shard_size=2):
+    steps = [LimitedRead(path=str(prompts), limit=limit), CountingExpand(), Score(), Top()]
+    return Pipeline(steps, workdir=tmp_path / "work", shard_size=shard_size, progress=False, card=False)
+
+
+def test_larger_limit_computes_only_the_new_prompts(prompts, tmp_path):
+    small = make_limited(prompts, tmp_path, limit=3).run()
+    assert CALLS["expand.prompts"] == 3
+    CALLS.clear()
+    pipe = make_limited(prompts, tmp_path, limit=6)
+    large = pipe.run()
+    assert CALLS["expand.prompts"] == 3  # p3, p4, p5 only
+    stats = {s.step: s for s in pipe.stats}
+    assert stats["expand"].counts["prompts_reused"] == 3 and stats["expand"].counts["prompts_computed"] == 3
+    # the first three prompts' rows (through the map steps) are the stored ones, unchanged
+    expand_small = shards.read_shards(sorted(make_limited(prompts, tmp_path, limit=3).step_dirs()[2].glob("shard-*")))
+    expand_large = shards.read_shards(sorted(pipe.step_dirs()[2].glob("shard-*")))
+    first = pl.from_arrow(expand_large).filter(pl.col("prompt_id").is_in(["p0", "p1", "p2"]))
+    assert first.equals(pl.from_arrow(expand_small))
+    assert set(large["prompt_id"].to_pylist()) - set(small["prompt_id"].to_pylist())  # new prompts arrived
+
+
+def test_shard_size_changes_layout_not_content_and_computes_nothing(prompts, tmp_path):
+    two = make_limited(prompts, tmp_path, shard_size=2)
+    out2 = two.run()
+    CALLS.clear()
+    four = make_limited(prompts, tmp_path, shard_size=4)
+    out4 = four.run()
+    assert "expand.prompts" not in CALLS and "score.process" not in CALLS  # nothing computed
+    assert CALLS == {"top.process": 1}  # the global step recomputes (cheap)
+    assert len(list(four.step_dirs()[1].glob("shard-*"))) == 3 and len(list(two.step_dirs()[1].glob("shard-*"))) == 5
+    for a, b in zip(two.step_dirs()[1:3], four.step_dirs()[1:3]):
+        ta = shards.read_shards(sorted(a.glob("shard-*")))
+        tb = shards.read_shards(sorted(b.glob("shard-*")))
+        assert ta.equals(tb)
+    assert out2.sort_by([("prompt_id", "ascending"), ("response", "ascending")]).equals(
+        out4.sort_by([("prompt_id", "ascending"), ("response", "ascending")]))
+
+
+def test_changed_upstream_content_never_hits_the_store(prompts, tmp_path):
+    make_limited(prompts, tmp_path).run()
+    # same prompt ids, one text changed: only that prompt is recomputed downstream
+    table = pq.read_table(prompts)
+    texts = table["text"].to_pylist()
+    texts[4] = "a different text"
+    pq.write_table(table.set_column(1, "text", pa.array(texts)), prompts)
+    CALLS.clear()
+    out = make_limited(prompts, tmp_path).run()
+    assert CALLS["expand.prompts"] == 1 and CALLS["score.process"] == 1
+    expanded = shards.read_shards(sorted(make_limited(prompts, tmp_path).step_dirs()[1].glob("shard-*")))
+    assert sorted(r for r in expanded["response"].to_pylist() if r.startswith("a different")) == [
+        "a different text#0", "a different text#1"]
+    assert out.num_rows > 0
+
+
+def test_store_survives_a_lost_index_and_force_recomputes(prompts, tmp_path):
+    pipe = make_limited(prompts, tmp_path, limit=4)
+    pipe.run()
+    store = pipe.prompt_store(1)
+    (store.dir / "index.parquet").unlink()
+    CALLS.clear()
+    make_limited(prompts, tmp_path, limit=6).run()
+    assert CALLS["expand.prompts"] == 2  # index rebuilt from the parts
+    CALLS.clear()
+    forced = Pipeline(make_limited(prompts, tmp_path, limit=6).steps, workdir=tmp_path / "work", shard_size=2,
+                      progress=False, card=False, force_from=1)
+    forced.run()
+    assert CALLS["expand.prompts"] == 6 and CALLS["score.process"] == 3
+
+
+class ShardMean(MapStep):
+    """Not prompt-local: a shard-level statistic. Opts out of the prompt store."""
+
+    name = "shard_mean"
+    prompt_local = False
+
+    def input_columns(self):
+        return ["score_len"]
+
+    def output_columns(self, columns):
+        return columns + ["shard_mean"]
+
+    def process(self, table):
+        bump("shard_mean.process")
+        df = pl.from_arrow(table)
+        return df.with_columns(shard_mean=pl.col("score_len").mean())
+
+
+def test_step_that_is_not_prompt_local_is_recomputed_per_shard(prompts, tmp_path):
+    def steps(limit):
+        return [LimitedRead(path=str(prompts), limit=limit), CountingExpand(), Score(), ShardMean()]
+
+    Pipeline(steps(3), workdir=tmp_path / "w", shard_size=2, progress=False, card=False).run()
+    CALLS.clear()
+    pipe = Pipeline(steps(6), workdir=tmp_path / "w", shard_size=2, progress=False, card=False)
+    pipe.run()
+    assert CALLS["expand.prompts"] == 3 and CALLS["shard_mean.process"] == 3
+    assert pipe.prompt_store(3) is None and not (tmp_path / "w" / "_prompts" / "shard_mean").exists()

@@ -1,0 +1,204 @@
+"""Model-holding steps in a worker process: same shards as in-process, no model left in the
+parent, errors and kills reported with the step's name, finished shards kept for a rerun.
+
+The worker is a real ``spawn`` process (a few seconds each: it imports torch); the kill is
+a real SIGKILL the step sends itself, as the kernel's OOM killer would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import prefdata.models as prefmodels
+from prefdata import shards
+from prefdata.executors import LocalExecutor, make_executor
+from prefdata.executors.worker import WorkerError
+from prefdata.pipeline import Pipeline
+from prefdata.step import MapStep
+from prefdata.steps.load_prompts import LoadPrompts
+from prefdata.steps.sample import Sample
+
+PROMPTS = ["Name a colour.", "Say hello.", "Count to three.", "Name a fruit."]
+
+
+@dataclass
+class ModelPidConfig:
+    model: str = ""
+
+
+class ModelPid(MapStep):
+    """Loads a real (tiny) model and writes which process scored each response."""
+
+    name = "model_pid"
+    Config = ModelPidConfig
+    model = None
+
+    def models(self):
+        from prefdata.models.identity import ModelRef
+
+        return [ModelRef(self.config.model, device="cpu", dtype="float32")]
+
+    def input_columns(self):
+        return ["prompt", "response"]
+
+    def output_columns(self, columns):
+        return columns + ["pid", "logprob"]
+
+    def setup(self):
+        self.model = prefmodels.load_model(self.config.model, backend="transformers", device="cpu",
+                                           dtype="float32")
+
+    def teardown(self):
+        self.model = None
+
+    def process(self, table):
+        scores = self.model.logprobs(table["prompt"].to_pylist(), table["response"].to_pylist())
+        return (table.append_column("pid", pa.array([os.getpid()] * table.num_rows, pa.int64()))
+                .append_column("logprob", pa.array([s.sum for s in scores], pa.float64())))
+
+
+@dataclass
+class NoConfig:
+    pass
+
+
+class Explode(MapStep):
+    """Holds a "model" (no weights needed to fail) and fails on its second shard."""
+
+    name = "explode"
+    Config = NoConfig
+    holds_model = True
+
+    def input_columns(self):
+        return ["prompt_id"]
+
+    def process(self, table):
+        if "Count to three." in str(table["prompt"].to_pylist()):
+            raise ValueError("the prompt 'Count to three.' is not allowed here")
+        return table
+
+
+class KillSelf(MapStep):
+    """SIGKILLs its own process at the third shard while ``flag`` exists (not config: the
+    fingerprint stays the same for the rerun)."""
+
+    name = "kill_self"
+    Config = NoConfig
+    holds_model = True
+    flag: str | None = None
+
+    def input_columns(self):
+        return ["prompt_id"]
+
+    def output_columns(self, columns):
+        return columns + ["pid"]
+
+    def process(self, table):
+        if self.flag and Path(self.flag).exists() and "Count to three." in str(table["prompt"].to_pylist()):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return table.append_column("pid", pa.array([os.getpid()] * table.num_rows, pa.int64()))
+
+
+@pytest.fixture
+def prompt_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(f'{{"prompt": "{p}"}}\n' for p in PROMPTS))
+    return path
+
+
+def run(steps, workdir, in_process, shard_size=2):
+    pipe = Pipeline(steps, workdir=workdir, shard_size=shard_size, progress=False, card=False,
+                    executor=LocalExecutor(in_process=in_process))
+    return pipe, pipe.run()
+
+
+def test_worker_mode_matches_in_process_and_leaves_no_model(prompt_file, tmp_path, tiny_llama):
+    def steps():
+        return [LoadPrompts(path=str(prompt_file)),
+                Sample(model=tiny_llama, n=2, max_new_tokens=4, backend="transformers", device="cpu",
+                       dtype="float32"),
+                ModelPid(model=tiny_llama)]
+
+    prefmodels.clear_cache()
+    inproc, a = run(steps(), tmp_path / "a", in_process=True)
+    assert prefmodels._CACHE == {}  # emptied after each step in-process too
+    assert set(a["pid"].to_pylist()) == {os.getpid()}
+    worker, b = run(steps(), tmp_path / "b", in_process=False)
+    assert prefmodels._CACHE == {}
+    pids = set(b["pid"].to_pylist())
+    assert len(pids) == 1 and os.getpid() not in pids  # scored in another process
+    # identical sample shards and scores, whichever process computed them
+    for da, db in zip(inproc.step_dirs()[1:], worker.step_dirs()[1:]):
+        for i in range(2):
+            ta, tb = pq.read_table(shards.shard_path(da, i)), pq.read_table(shards.shard_path(db, i))
+            assert ta.drop_columns([c for c in ["pid"] if c in ta.column_names]).replace_schema_metadata(None).equals(
+                tb.drop_columns([c for c in ["pid"] if c in tb.column_names]).replace_schema_metadata(None))
+    assert a["response"].to_pylist() == b["response"].to_pylist() and a.num_rows == 8
+
+
+def test_error_in_worker_names_step_and_carries_traceback(prompt_file, tmp_path):
+    with pytest.raises(WorkerError) as info:
+        run([LoadPrompts(path=str(prompt_file)), Explode()], tmp_path / "w", in_process=False)
+    text = str(info.value)
+    assert "step 'explode' failed in its worker process" in text
+    assert "ValueError: the prompt 'Count to three.' is not allowed here" in text
+    assert "traceback in the worker" in text and "in process" in text  # the worker's frames
+    # the first shard (without that prompt) was finished and kept
+    step_dir = next((tmp_path / "w").glob("explode-*"))
+    assert shards.shard_path(step_dir, 0).exists() and not shards.shard_path(step_dir, 1).exists()
+
+
+def test_sigkill_of_worker_is_reported_and_rerun_resumes(prompt_file, tmp_path):
+    flag = tmp_path / "kill"
+    flag.write_text("x")
+    step = KillSelf()
+    step.flag = str(flag)
+    with pytest.raises(WorkerError, match=r"step 'kill_self': its worker process \(pid \d+\) was killed by SIGKILL"):
+        run([LoadPrompts(path=str(prompt_file)), step], tmp_path / "w", in_process=False, shard_size=1)
+    step_dir = next((tmp_path / "w").glob("kill_self-*"))
+    done = sorted(p.name for p in step_dir.glob("shard-*.parquet"))
+    assert done == ["shard-00000.parquet", "shard-00001.parquet"]
+    before = {p: (p.stat().st_mtime_ns, pq.read_table(p)["pid"].to_pylist()) for p in step_dir.glob("shard-*.parquet")}
+    flag.unlink()
+    pipe, out = run([LoadPrompts(path=str(prompt_file)), step], tmp_path / "w", in_process=False, shard_size=1)
+    assert out.num_rows == 4
+    for p, (mtime, pids) in before.items():  # finished shards reused as they were
+        assert p.stat().st_mtime_ns == mtime
+    new_pids = set(out["pid"].to_pylist()[2:])
+    old_pids = {pid for _, pids in before.values() for pid in pids}
+    assert len(new_pids) == 1 and new_pids.isdisjoint(old_pids)  # a second worker did the rest
+    assert pipe.stats[1].shards_cached == 2
+
+
+def test_steps_without_models_and_cached_steps_start_no_worker(prompt_file, tmp_path, monkeypatch):
+    import prefdata.executors.local as local
+
+    started = []
+    real = local.run_in_worker
+    monkeypatch.setattr(local, "run_in_worker", lambda name, *a, **k: started.append(name) or real(name, *a, **k))
+    path = tmp_path / "ok.jsonl"
+    path.write_text('{"prompt": "Name a colour."}\n')
+    run([LoadPrompts(path=str(path)), Explode()], tmp_path / "w", in_process=False)
+    assert started == ["explode"]  # the model step got a worker; load_prompts did not
+    pipe, _ = run([LoadPrompts(path=str(path)), Explode()], tmp_path / "w", in_process=False)
+    assert pipe.stats[1].shards_cached == pipe.stats[1].shards == 1
+    assert started == ["explode"]  # all cached: no second worker
+
+
+def test_in_process_spellings(monkeypatch):
+    assert make_executor("local", in_process=True).in_process is True
+    monkeypatch.setenv("PREFDATA_IN_PROCESS", "1")
+    assert LocalExecutor().in_process is True
+    monkeypatch.delenv("PREFDATA_IN_PROCESS")
+    assert LocalExecutor().in_process is False
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['isolate'\]"):
+        make_executor("local", isolate=False)
+    step = Explode()
+    assert LocalExecutor(in_process=False).isolates(step) and not LocalExecutor(in_process=True).isolates(step)
