@@ -46,7 +46,7 @@ def plan_pipeline(pipeline) -> list[dict]:
                 entry["reasons"].append(
                     f"the prompt store holds {stored} prompt(s) computed with this step's config and "
                     "models; only prompts not among them (by content) are computed")
-            entry["models"] = _models(step)
+            entry["models"] = _models(step, parts[i])
         if recompute_upstream and marker is None and not entry["reasons"]:
             entry["reasons"].append("input change (an earlier step recomputes)")
         recompute_upstream = recompute_upstream or marker is None
@@ -144,14 +144,20 @@ def _stored_prompts(pipeline, index: int) -> int:
     return len(store.index())
 
 
-def _models(step) -> list[str]:
-    """The models the step would load (API models are named, not loaded)."""
+def _models(step, parts: dict) -> list[str]:
+    """The models the step would load, resolved as the fingerprint sees them."""
+    resolved = [m for m in parts.get("models") or [] if isinstance(m, dict)]
+    if resolved:
+        out = []
+        for m in resolved:
+            if m.get("kind") == "api" or m.get("backend") == "api":
+                out.append(f"{m.get('name')} (called over the API, not loaded)")
+            else:
+                out.append(f"{m.get('name')} ({m.get('kind', 'lm')}: {m.get('backend')}, {m.get('device')}, "
+                           f"{m.get('dtype')})")
+        return out
     refs = getattr(step, "models", None)
-    out = []
-    for ref in refs() if callable(refs) else []:
-        where = "api" if getattr(ref, "is_api", False) else f"{ref.backend}/{ref.device}/{ref.dtype}"
-        out.append(f"{ref.name} ({getattr(ref, 'kind', 'lm')}, {where})")
-    return out
+    return [f"{ref.name} ({getattr(ref, 'kind', 'lm')})" for ref in (refs() if callable(refs) else [])]
 
 
 def format_plan(plan: list[dict]) -> str:

@@ -5,7 +5,7 @@ name: quickstart
 workdir: work/quickstart
 output: out/pairs.parquet
 shard_size: 4
-executor: local            # or ray, or {name: ray, num_actors: 2, num_cpus_per_actor: 0.5}
+executor: local            # or {name: local, in_process: true}, ray, {name: ray, num_actors: 2}
 steps:
   - step: load_prompts
     path: pipelines/data/quickstart_prompts.jsonl
@@ -17,7 +17,9 @@ steps:
 name or index (``sample.n=8``, ``steps.1.n=8``); values are parsed as YAML. Unknown keys
 and wrong types are errors. ``executor`` names where map steps run: ``local`` (the
 default) or ``ray``, as a name or a mapping with its options; ``--executor`` overrides the
-name (keeping the recipe's options when the name is the same).
+name (keeping the recipe's options when the name is the same). The local executor runs each
+model-holding step in a worker process that exits with the step; ``in_process: true`` (or
+``prefdata run --in-process``, or ``PREFDATA_IN_PROCESS=1``) keeps it in this process.
 """
 
 from __future__ import annotations
@@ -68,8 +70,12 @@ class Recipe:
             data["steps"][0]["limit"] = limit
         return cls(str(path), data)
 
-    def build(self, executor=None, progress: bool = True, executor_name: str | None = None) -> Pipeline:
-        """The pipeline; ``executor`` (an object) wins over ``executor_name`` and the recipe's key."""
+    def build(self, executor=None, progress: bool = True, executor_name: str | None = None,
+              force: str | int | None = None) -> Pipeline:
+        """The pipeline; ``executor`` (an object) wins over ``executor_name`` and the recipe's key.
+
+        ``force``: recompute from this step on (a step name, ``name[k]`` for the k-th step of
+        that name, or an index)."""
         if executor is None:
             executor = recipe_executor(self.data.get("executor"), self.path, executor_name)
         steps = []
@@ -88,7 +94,24 @@ class Recipe:
             executor=executor,
             progress=progress,
             info={"recipe": self.data, "recipe_path": self.path},
+            force_from=None if force is None else self.step_index(force),
         )
+
+    def step_index(self, which: str | int) -> int:
+        """A step by index, name (the first of that name) or ``name[k]`` (the k-th, from 1)."""
+        names = [s["step"] for s in self.data["steps"]]
+        text = str(which).strip()
+        if text.isdigit():
+            if int(text) < len(names):
+                return int(text)
+        else:
+            name, _, k = text.partition("[")
+            hits = [i for i, n in enumerate(names) if n == name]
+            k = int(k.rstrip("]")) if k.rstrip("]").isdigit() else 1
+            if 1 <= k <= len(hits):
+                return hits[k - 1]
+        listing = ", ".join(f"{i}: {n}" for i, n in enumerate(names))
+        raise RecipeError(f"recipe {self.path}: no step '{which}' to force; give a name or an index ({listing})")
 
 
 def recipe_executor(spec, where: str = "recipe", name: str | None = None):
