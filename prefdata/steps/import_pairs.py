@@ -20,13 +20,19 @@ else ``"original"``), ``sample_index``, ``sampling`` (null), ``score_original`` 
 chosen, 0.0 for rejected), ``label_source = "original"``, ``original_pair`` (a stable id
 of the original pair), ``original_role`` (``chosen``/``rejected``) and ``original_row``
 (line or row of the file). All responses of a prompt are adjacent; the k-th pair of a
-prompt has ``sample_index`` 2k (chosen) and 2k+1 (rejected). When each prompt has one
-pair, ``build_pairs`` with ``score: score_original`` rebuilds exactly the original pairs.
+prompt has ``sample_index`` 2k (chosen) and 2k+1 (rejected). ``build_pairs`` with
+``score: score_original`` (strategy ``auto`` or ``original``) gives back exactly the
+imported pairs, one per ``original_pair``, however many share a prompt.
 
-Bad rows raise an error naming file, row and field, or (``on_error: quarantine``) go to the
-quarantine table with ``reason``; exact duplicate pairs are skipped and counted. Counts:
-``rows_read``, ``imported``, ``skipped_duplicate``, ``quarantined_<reason>``,
-``prompts_with_several_pairs``.
+The file is read in batches (``prefdata.readers``, strict: a broken CSV quote, a bad JSON
+line or a duplicated key is reported by its line); with ``limit`` reading stops once that
+many pairs are imported. Bad rows raise an error naming file, row and field, or
+(``on_error: quarantine``) go to the quarantine table with ``reason``; exact duplicate
+pairs are skipped and counted. Literal chat-control text (``<|im_start|>`` …) in a prompt
+or reply is counted in ``control_text_rows`` and handled by ``special_tokens`` (``keep``
+| ``escape`` | ``quarantine``). Counts: ``rows_read``, ``imported``,
+``skipped_duplicate``, ``quarantined_<reason>``, ``prompts_with_several_pairs``,
+``control_text_rows``.
 """
 
 from __future__ import annotations
@@ -36,23 +42,24 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from prefdata.readers import (BadRow, Rows, existing, file_sha256, is_hub_id, quarantine_row,
-                              read_rows, text_or_json, QUARANTINE)
+from prefdata.control_text import CONTROL_PATTERN, ESCAPED, ControlText
+from prefdata.readers import (QUARANTINE, BadRow, FileOptions, FileSource, Rows, quarantine_row, raise_first,
+                              text_or_json)
 from prefdata.schema import MESSAGES, RESPONSE, ROLES, SAMPLING
-from prefdata.step import Output, Source
+from prefdata.step import Output
 
 PAIR_FORMATS = ("auto", "trl_conversational", "trl_standard", "hh_transcript")
-FILE_FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "datasets", "hub")
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 _enc = json.encoder.encode_basestring  # how json.dumps(ensure_ascii=False) writes a string
-PAIRS = pl.Schema({"row": pl.Int64, "prompt": pl.List(pl.Struct({"role": pl.String, "content": pl.String})),
+PAIRS = pl.Schema({"i": pl.Int64, "row": pl.Int64,
+                   "prompt": pl.List(pl.Struct({"role": pl.String, "content": pl.String})),
                    "good": pl.String, "worse": pl.String, "gen_c": pl.String, "gen_r": pl.String,
                    "source": pl.String})
 COLUMNS = list(RESPONSE.names) + ["score_original", "label_source", "original_pair", "original_role",
@@ -60,61 +67,70 @@ COLUMNS = list(RESPONSE.names) + ["score_original", "label_source", "original_pa
 
 
 @dataclass
-class ImportPairsConfig:
-    path: str
+class ImportPairsConfig(FileOptions):
     format: str = "auto"  # auto | trl_conversational | trl_standard | hh_transcript
-    file_format: str = "auto"  # auto | jsonl | json | parquet | csv | datasets | hub
-    split: str = "train"  # for Hub ids
     prompt_field: str = "prompt"
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
-    source: str | None = None
-    limit: int | None = None
-    on_error: str = "raise"  # raise | quarantine
 
 
-class ImportPairs(Source):
+class ImportPairs(FileSource):
     """Read chosen/rejected pairs (TRL conversational/standard, HH transcripts) into responses."""
 
     name: ClassVar[str] = "import_pairs"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: strict readers, control-text count and policy
     Config: ClassVar[type] = ImportPairsConfig
 
-    def check(self) -> None:
+    def problems(self) -> list[str]:
         c = self.config
-        problems = [
-            f"format must be one of {list(PAIR_FORMATS)}, got {c.format!r}" if c.format not in PAIR_FORMATS else None,
-            f"file_format must be one of {list(FILE_FORMATS)}, got {c.file_format!r}"
-            if c.file_format not in FILE_FORMATS else None,
-            f"on_error must be 'raise' or 'quarantine', got {c.on_error!r}"
-            if c.on_error not in ("raise", "quarantine") else None,
-            f"limit must be at least 1 (or null), got {c.limit}" if c.limit is not None and c.limit < 1 else None,
-        ]
-        problems = [p for p in problems if p]
-        if problems:
-            raise ValueError(f"step 'import_pairs': {'; '.join(problems)}")
+        return [f"format must be one of {list(PAIR_FORMATS)}, got {c.format!r}"] if c.format not in PAIR_FORMATS else []
 
     def output_columns(self, columns: list[str]) -> list[str]:
         return list(COLUMNS)
 
-    def fingerprint_extra(self) -> Any:
-        c = self.config
-        if c.file_format == "hub" or (c.file_format == "auto" and is_hub_id(c.path)):
-            return {"hub": c.path, "split": c.split}
-        return {"sha256": file_sha256(existing(c.path))}
-
-    def read(self) -> Output:
-        c = self.config
-        rows = read_rows(c.path, c.file_format, c.split)
-        return import_pairs(rows, c)
+    def convert(self, batches: Iterable[Rows]) -> Output:
+        return import_pairs(batches, self.config)
 
 
-def import_pairs(rows: Rows, c: ImportPairsConfig) -> Output:
-    counts = Counter(rows_read=len(rows) + len(rows.bad))
+def import_pairs(batches: Iterable[Rows], c: ImportPairsConfig) -> Output:
+    counts = Counter(rows_read=0)
+    frames, bad, path = [], [], None
+    for rows in batches:
+        path = rows.path
+        counts["rows_read"] += len(rows) + len(rows.bad)
+        frame, rejected = _batch_pairs(rows, c)
+        frames.append(frame)
+        bad += rejected
+        last_row = _limit_row(frames, c.limit)
+        if last_row is not None:
+            bad = [r for r in bad if r["row"] <= last_row]  # rows after the limit are not imported, nor checked
+        if bad and c.on_error == "raise":
+            raise_first(bad)
+        if last_row is not None:
+            break
     if counts["rows_read"] == 0:
-        raise ValueError(f"{rows.path}: the file holds no rows; give a file with at least one pair")
-    bad = [_reject(rows, c, n, raw, exc) for n, raw, exc in rows.bad]
-    if c.prompt_field not in rows.columns and c.format == "trl_standard":
+        raise ValueError(f"{path}: the file holds no rows; give a file with at least one pair")
+    pairs = pl.concat(frames).sort("row")
+    table, pair_counts = response_table(pairs, c.limit)
+    for exc_row in bad:
+        counts[f"quarantined_{exc_row['reason']}"] += 1
+    counts.update(pair_counts)
+    quarantine = pa.Table.from_pylist(bad, schema=QUARANTINE) if bad else None
+    return Output(table, quarantine, dict(counts))
+
+
+def _limit_row(frames: list[pl.DataFrame], limit: int | None) -> int | None:
+    """The file row of the ``limit``-th distinct pair once that many are read, else None."""
+    if limit is None or sum(f.height for f in frames) < limit:
+        return None
+    distinct = pl.concat(frames).sort("row").unique(["prompt", "good", "worse"], keep="first", maintain_order=True)
+    return int(distinct["row"][limit - 1]) if distinct.height >= limit else None
+
+
+def _batch_pairs(rows: Rows, c: ImportPairsConfig) -> tuple[pl.DataFrame, list[dict]]:
+    """One batch's pairs (PAIRS columns plus ``control``) and its bad rows."""
+    bad = [quarantine_row(rows.path, rows.fmt, n, raw, exc) for n, raw, exc in rows.bad]
+    if c.prompt_field not in rows.columns and c.format == "trl_standard" and len(rows):
         raise ValueError(f"{rows.path}: format trl_standard needs a '{c.prompt_field}' column (columns: "
                          f"{rows.columns}); set `prompt_field:` or use hh_transcript / trl_conversational")
     for name in (c.chosen_field, c.rejected_field):
@@ -133,37 +149,42 @@ def import_pairs(rows: Rows, c: ImportPairsConfig) -> Output:
         try:
             prompt, good, worse = split_pair(prompt, chosen, rejected, c)
         except BadRow as exc:
-            bad.append(_reject(rows, c, rows.numbers[i], rows.raw(i), exc))
+            bad.append(quarantine_row(rows.path, rows.fmt, rows.numbers[i], rows.raw(i), exc))
             continue
         source = rows.value("source", i)
-        kept.append({"row": rows.numbers[i], "prompt": prompt, "good": good, "worse": worse,
+        kept.append({"i": i, "row": rows.numbers[i], "prompt": prompt, "good": good, "worse": worse,
                      "gen_c": rows.value("chosen_model", i), "gen_r": rows.value("rejected_model", i),
                      "source": source if isinstance(source, str) else None})
-    pairs = pl.concat([fast, pl.DataFrame(kept, schema=PAIRS)] if fast is not None else
-                      [pl.DataFrame(kept, schema=PAIRS)]).sort("row")
-    pairs = pairs.with_columns(pl.col("gen_c").fill_null("original"), pl.col("gen_r").fill_null("original"),
+    frame = pl.concat([f for f in (fast, pl.DataFrame(kept, schema=PAIRS)) if f is not None])
+    frame = frame.with_columns(pl.col("gen_c").fill_null("original"), pl.col("gen_r").fill_null("original"),
                                pl.lit(c.source).fill_null(pl.col("source")).fill_null(pl.lit(rows.path.name))
                                .alias("source"))
-    table, pair_counts, last_row = response_table(pairs, c.limit)
-    if last_row is not None:  # limit reached: rows after it are not imported, nor checked
-        bad = [r for r in bad if r["row"] <= last_row]
-    if bad and c.on_error == "raise":
-        _raise_first(rows, bad)
-    for exc_row in bad:
-        counts[f"quarantined_{exc_row['reason']}"] += 1
-    counts.update(pair_counts)
-    quarantine = pa.Table.from_pylist(bad, schema=QUARANTINE) if bad else None
-    return Output(table, quarantine, dict(counts))
+    return _control_text(frame, rows, c, bad)
 
 
-def _reject(rows, c: ImportPairsConfig, number: int, raw: str, exc: BadRow) -> dict:
-    return quarantine_row(rows.path, rows.fmt, number, raw, exc)
-
-
-def _raise_first(rows, bad: list[dict]) -> None:
-    """With ``on_error: raise``, stop at the first bad row of the file (parse or content)."""
-    first = min(bad, key=lambda r: r["row"])
-    raise ValueError(first["detail"] + ", or set `on_error: quarantine` to set bad rows aside")
+def _control_text(frame: pl.DataFrame, rows: Rows, c: ImportPairsConfig, bad: list) -> tuple[pl.DataFrame, list]:
+    """Mark (``control``), escape or quarantine the pairs whose texts hold chat-control markers."""
+    contents = pl.element().struct.field("content")
+    found = (pl.col("prompt").list.eval(contents.str.contains(CONTROL_PATTERN)).list.any()
+             | pl.col("good").str.contains(CONTROL_PATTERN) | pl.col("worse").str.contains(CONTROL_PATTERN))
+    frame = frame.with_columns(found.fill_null(False).alias("control"))
+    if c.special_tokens == "escape":
+        frame = frame.with_columns(
+            pl.col("prompt").list.eval(pl.struct(pl.element().struct.field("role"),
+                                                 contents.str.replace_all(CONTROL_PATTERN, ESCAPED))),
+            pl.col("good").str.replace_all(CONTROL_PATTERN, ESCAPED),
+            pl.col("worse").str.replace_all(CONTROL_PATTERN, ESCAPED))
+    elif c.special_tokens == "quarantine" and frame["control"].any():
+        guard = ControlText("quarantine")
+        for r in frame.filter("control").iter_rows(named=True):
+            try:
+                guard.messages(r["prompt"], "prompt")
+                guard.text(r["good"], c.chosen_field)
+                guard.text(r["worse"], c.rejected_field)
+            except BadRow as exc:
+                bad.append(quarantine_row(rows.path, rows.fmt, r["row"], rows.raw(r["i"]), exc))
+        frame = frame.filter(~pl.col("control"))
+    return frame, bad
 
 
 # -- one pair ---------------------------------------------------------------------------
@@ -338,7 +359,7 @@ def _hh_fast(rows: Rows, c: ImportPairsConfig) -> tuple[pl.DataFrame | None, Any
         & (pl.col("lead") == "") & (pl.col("prompt").list.len() > 0)
         & (pl.col("prompt").list.last().struct.field("role") == "user")
         & ~pl.col("prompt").list.eval(blank).list.any()
-        & ~pl.col("c").str.contains(CONTROL) & ~pl.col("r").str.contains(CONTROL)
+        & ~pl.col("c").str.contains(ASCII_CONTROL) & ~pl.col("r").str.contains(ASCII_CONTROL)
         & ~pl.col("good").str.contains(HH_TURN.pattern) & ~pl.col("worse").str.contains(HH_TURN.pattern)
         & (pl.col("good").str.strip_chars().str.len_chars() > 0)
         & (pl.col("worse").str.strip_chars().str.len_chars() > 0) & (pl.col("good") != pl.col("worse"))
@@ -353,24 +374,25 @@ def _hh_fast(rows: Rows, c: ImportPairsConfig) -> tuple[pl.DataFrame | None, Any
             extra[alias] = pl.from_arrow(t.select([name])).to_series().gather(df["i"])
         else:
             extra[alias] = pl.Series(alias, [None] * df.height, pl.String)
-    fast = df.select((pl.col("i").cast(pl.Int64) + first).alias("row"), "prompt", "good", "worse")
+    fast = df.select(pl.col("i").cast(pl.Int64), (pl.col("i").cast(pl.Int64) + first).alias("row"),
+                     "prompt", "good", "worse")
     fast = fast.with_columns(**{k: v.alias(k) for k, v in extra.items()}).select(list(PAIRS))
     return fast.cast(PAIRS), slow
 
 
 # -- the response table -----------------------------------------------------------------
-def response_table(pairs: pl.DataFrame, limit: int | None) -> tuple[pa.Table, dict, int | None]:
+def response_table(pairs: pl.DataFrame, limit: int | None) -> tuple[pa.Table, dict]:
     """Two response rows per pair, the pairs of one prompt adjacent (first-seen order)."""
     pairs = pairs.with_columns(pid=_ids(pairs.select(_json_messages("prompt")).to_series(),
                                         pairs["prompt"], lambda m: prompt_id(m)))
     n_in = pairs.height
     pairs = pairs.unique(subset=["pid", "good", "worse"], keep="first", maintain_order=True)
     counts = {"skipped_duplicate": n_in - pairs.height}
-    last_row = None
-    if limit is not None and pairs.height >= limit:
+    if limit is not None:
         pairs = pairs.head(limit)
-        last_row = int(pairs["row"][-1])
     counts["imported"] = pairs.height
+    if "control" in pairs.columns and pairs["control"].any():
+        counts["control_text_rows"] = int(pairs["control"].sum())
     pairs = pairs.with_columns(k=pl.int_range(pl.len()).over("pid"), first=pl.col("row").min().over("pid"))
     counts["prompts_with_several_pairs"] = int((pairs["k"] == 1).sum())
     pairs = pairs.sort(["first", "row"]).with_row_index("pos")
@@ -406,14 +428,14 @@ def response_table(pairs: pl.DataFrame, limit: int | None) -> tuple[pa.Table, di
         "original_role": pa.array(np.tile(np.array(["chosen", "rejected"], object), n // 2), pa.string()),
         "original_row": long["row"].to_arrow().cast(pa.int64()),
     })
-    return table, counts, last_row
+    return table, counts
 
 
 def _arrow(series: pl.Series, type_: pa.DataType) -> pa.Array:
     return series.to_arrow().cast(type_) if len(series) else pa.array([], type_)
 
 
-CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f]"
+ASCII_CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f]"
 
 
 def _json_str(expr: pl.Expr) -> pl.Expr:
@@ -434,7 +456,7 @@ def _ids(texts: pl.Series, values, exact) -> pl.Series:
     """sha256 ids of JSON texts; rows holding control characters are hashed from ``values`` exactly."""
     out = [_sha(t) for t in texts.to_list()]
     if exact is not None:
-        odd = texts.str.contains(CONTROL).fill_null(True).arg_true().to_list()
+        odd = texts.str.contains(ASCII_CONTROL).fill_null(True).arg_true().to_list()
         if odd:
             for j in odd:
                 out[j] = exact(values[j] if isinstance(values, pl.Series) else values.row(j))

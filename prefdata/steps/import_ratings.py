@@ -17,6 +17,10 @@ mean of the aspect ratings present, ``label_source = "original"``. ``build_pairs
 A bad row (no instruction, no completion list) or a bad completion (empty response,
 rating that is not a number) raises with file/row/field, or with ``on_error: quarantine``
 is set aside with a ``reason``; a row whose completions are all bad is quarantined too.
+The file is read in batches by ``prefdata.readers`` (strict: a broken CSV quote, a bad
+JSON line or a duplicated key is reported by its line). Literal chat-control text
+(``<|im_start|>`` …) in an instruction or a response is counted in ``control_text_rows``
+(rows) and handled by ``special_tokens`` (``keep`` | ``escape`` | ``quarantine``).
 """
 
 from __future__ import annotations
@@ -26,106 +30,104 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import pyarrow as pa
 
-from prefdata.readers import (BadRow, QUARANTINE, existing, file_sha256, is_hub_id, quarantine_row,
-                              read_rows, text_or_json)
+from prefdata.control_text import ControlText
+from prefdata.readers import (QUARANTINE, BadRow, FileOptions, FileSource, Rows, quarantine_row, raise_first,
+                              text_or_json)
 from prefdata.schema import MESSAGES, RESPONSE, ROLES, SAMPLING, prompt_id, response_id
-from prefdata.step import Output, Source
+from prefdata.step import Output
 
-FILE_FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "datasets", "hub")
 MISSING_RATING = {"n/a", "na", "none", "", "-"}
 
 
 @dataclass
-class ImportRatingsConfig:
-    path: str
-    file_format: str = "auto"
-    split: str = "train"
+class ImportRatingsConfig(FileOptions):
     prompt_field: str = "instruction"
     completions_field: str = "completions"
     response_field: str = "response"
     model_field: str = "model"
     annotations_field: str = "annotations"
     aspects: list[str] | None = None  # default: every aspect found
-    source: str | None = None
-    limit: int | None = None
-    on_error: str = "raise"  # raise | quarantine
 
 
-class ImportRatings(Source):
+class ImportRatings(FileSource):
     """Read instruction + rated completions rows into one response row per completion."""
 
     name: ClassVar[str] = "import_ratings"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: strict readers, control-text count and policy
     Config: ClassVar[type] = ImportRatingsConfig
-
-    def check(self) -> None:
-        c = self.config
-        if c.file_format not in FILE_FORMATS:
-            raise ValueError(f"step 'import_ratings': file_format must be one of {list(FILE_FORMATS)}, "
-                             f"got {c.file_format!r}")
-        if c.on_error not in ("raise", "quarantine"):
-            raise ValueError(f"step 'import_ratings': on_error must be 'raise' or 'quarantine', got {c.on_error!r}")
-        if c.limit is not None and c.limit < 1:
-            raise ValueError(f"step 'import_ratings': limit must be at least 1 (or null), got {c.limit}")
 
     def output_columns(self, columns: list[str]) -> list[str]:
         aspects = [f"score_original_{_slug(a)}" for a in self.config.aspects or []]
         return list(RESPONSE.names) + ["score_original", "label_source", "original_row"] + aspects
 
-    def fingerprint_extra(self) -> Any:
-        c = self.config
-        if c.file_format == "hub" or (c.file_format == "auto" and is_hub_id(c.path)):
-            return {"hub": c.path, "split": c.split}
-        return {"sha256": file_sha256(existing(c.path))}
-
-    def read(self) -> Output:
-        c = self.config
-        return import_ratings(read_rows(c.path, c.file_format, c.split), c)
+    def convert(self, batches: Iterable[Rows]) -> Output:
+        return import_ratings(batches, self.config)
 
 
-def import_ratings(rows, c: ImportRatingsConfig) -> Output:
-    counts = Counter(rows_read=len(rows) + len(rows.bad))
+def import_ratings(batches: Iterable[Rows], c: ImportRatingsConfig) -> Output:
+    counts, out, bad, path = Counter(rows_read=0, imported=0), [], [], None
+    control = ControlText(c.special_tokens)
+    for rows in batches:
+        path = rows.path
+        for name in (c.prompt_field, c.completions_field):
+            if name not in rows.columns and len(rows):
+                raise ValueError(f"{rows.path}: no column '{name}' (columns: {rows.columns}); set "
+                                 f"`prompt_field:` / `completions_field:`")
+        more = _batch(rows, c, control, counts, out, bad)
+        if bad and c.on_error == "raise":
+            raise_first(bad)
+        if not more:
+            break
     if counts["rows_read"] == 0:
-        raise ValueError(f"{rows.path}: the file holds no rows; give a file with at least one instruction")
-    for name in (c.prompt_field, c.completions_field):
-        if name not in rows.columns and len(rows):
-            raise ValueError(f"{rows.path}: no column '{name}' (columns: {rows.columns}); set "
-                             f"`prompt_field:` / `completions_field:`")
-    bad = [_reject(rows, c, n, raw, exc) for n, raw, exc in rows.bad]
+        raise ValueError(f"{path}: the file holds no rows; give a file with at least one instruction")
+    for row in bad:
+        counts[f"quarantined_{row['reason']}"] += 1
+    counts["responses"] = len(out)
+    counts["ratings_missing"] = sum(v is None for r in out for v in r["ratings"].values())
+    if not counts["control_text_rows"]:
+        del counts["control_text_rows"]
+    quarantine = pa.Table.from_pylist(bad, schema=QUARANTINE) if bad else None
+    return Output(_table(out, c), quarantine, dict(counts))
+
+
+def _batch(rows: Rows, c: ImportRatingsConfig, control: ControlText, counts: Counter, out: list, bad: list) -> bool:
+    """Add one batch's responses to ``out`` (bad rows to ``bad``); False once ``limit`` prompts are in."""
     prompts, completions, sources = rows.column(c.prompt_field), rows.column(c.completions_field), rows.column("source")
-    out: list[dict] = []
-    n_prompts = 0
-    for i in range(len(rows)):
-        try:
-            csv_cell = text_or_json if rows.fmt == "csv" else (lambda v: v)
-            prompt = _prompt(csv_cell(prompts[i]), c.prompt_field)
-            items = csv_cell(completions[i])
-            if not isinstance(items, (list, tuple)):
-                raise BadRow("missing_field" if items is None else "bad_type", c.completions_field,
-                             f"expected a list of completions, got {type(items).__name__}")
-            if not items:
-                raise BadRow("no_completions", c.completions_field, "the completion list is empty",
-                             "remove the row or give it completions")
-        except BadRow as exc:
-            bad.append(_reject(rows, c, rows.numbers[i], rows.raw(i), exc))
+    csv_cell = text_or_json if rows.fmt == "csv" else (lambda v: v)
+    for number, i, raw, exc in rows.events():
+        counts["rows_read"] += 1
+        if exc is not None:
+            bad.append(quarantine_row(rows.path, rows.fmt, number, raw, exc))
             continue
-        pid = prompt_id(prompt)
-        source = c.source or (sources[i] if isinstance(sources[i], str) else rows.path.name)
+        try:
+            prompt, found = control.messages(_prompt(csv_cell(prompts[i]), c.prompt_field), c.prompt_field)
+            items = _items(csv_cell(completions[i]), c)
+        except BadRow as exc:
+            bad.append(quarantine_row(rows.path, rows.fmt, number, rows.raw(i), exc))
+            continue
         good = []
         for k, item in enumerate(items):
             try:
-                good.append(_completion(item, k, c))
+                completion = _completion(item, k, c)
+                text, hit = control.text(completion[2], f"{c.completions_field}[{k}].{c.response_field}")
             except BadRow as exc:
-                bad.append(_reject(rows, c, rows.numbers[i], json.dumps(item, ensure_ascii=False, default=str), exc))
+                bad.append(quarantine_row(rows.path, rows.fmt, number, json.dumps(item, ensure_ascii=False,
+                                                                                  default=str), exc))
+                continue
+            good.append((*completion[:2], text, *completion[3:]))
+            found |= hit
         if not good:
-            bad.append(_reject(rows, c, rows.numbers[i], rows.raw(i),
-                               BadRow("no_valid_completions", c.completions_field, "every completion is bad")))
+            bad.append(quarantine_row(rows.path, rows.fmt, number, rows.raw(i), BadRow(
+                "no_valid_completions", c.completions_field, "every completion is bad")))
             continue
-        n_prompts += 1
+        counts["imported"] += 1
+        counts["control_text_rows"] += found
+        pid = prompt_id(prompt)
+        source = c.source or (sources[i] if isinstance(sources[i], str) else rows.path.name)
         for k, model, text, ratings, rationales, fine_k, overall_k in good:
             ratings_present = [v for v in ratings.values() if v is not None]
             score = fine_k
@@ -133,29 +135,21 @@ def import_ratings(rows, c: ImportRatingsConfig) -> Output:
                 score = sum(ratings_present) / len(ratings_present) if ratings_present else None
             out.append({"prompt_id": pid, "prompt": prompt, "source": source,
                         "response_id": response_id(pid, model, text, k), "response": text, "generator": model,
-                        "sample_index": k, "score_original": score, "row": rows.numbers[i],
+                        "sample_index": k, "score_original": score, "row": number,
                         "overall": overall_k, "ratings": ratings, "rationales": rationales})
-        if c.limit is not None and n_prompts >= c.limit:
-            break
-    if bad and c.on_error == "raise":
-        _raise_first(rows, bad)
-    for row in bad:
-        counts[f"quarantined_{row['reason']}"] += 1
-    counts["imported"] = n_prompts
-    counts["responses"] = len(out)
-    counts["ratings_missing"] = sum(v is None for r in out for v in r["ratings"].values())
-    quarantine = pa.Table.from_pylist(bad, schema=QUARANTINE) if bad else None
-    return Output(_table(out, c), quarantine, dict(counts))
+        if c.limit is not None and counts["imported"] >= c.limit:
+            return False
+    return True
 
 
-def _reject(rows, c: ImportRatingsConfig, number: int, raw: str, exc: BadRow) -> dict:
-    return quarantine_row(rows.path, rows.fmt, number, raw, exc)
-
-
-def _raise_first(rows, bad: list[dict]) -> None:
-    """With ``on_error: raise``, stop at the first bad row of the file (parse or content)."""
-    first = min(bad, key=lambda r: r["row"])
-    raise ValueError(first["detail"] + ", or set `on_error: quarantine` to set bad rows aside")
+def _items(items: Any, c: ImportRatingsConfig) -> list:
+    if not isinstance(items, (list, tuple)):
+        raise BadRow("missing_field" if items is None else "bad_type", c.completions_field,
+                     f"expected a list of completions, got {type(items).__name__}")
+    if not items:
+        raise BadRow("no_completions", c.completions_field, "the completion list is empty",
+                     "remove the row or give it completions")
+    return list(items)
 
 
 def _prompt(value: Any, field: str) -> list[dict]:
