@@ -159,6 +159,7 @@ class ApiLM:
             if key not in self._clients:
                 import openai
 
+                _quiet_http_logs()
                 self._clients[key] = openai.OpenAI(
                     api_key=key or NO_KEY, base_url=self.base_url, timeout=self.timeout,
                     max_retries=self.max_retries,
@@ -217,6 +218,15 @@ class ApiLM:
             return ApiError(f"{self.url}: gave up after {self.max_retries + 1} attempt(s): HTTP {code}: "
                             f"{message}; raise max_retries or check the server")
         return ApiError(f"{self.url}: HTTP {code}: {message}")
+
+
+def _quiet_http_logs() -> None:
+    """httpx logs every request at INFO: 100k lines for 100k prompts. Unless a user set a
+    level for it, keep it to warnings (the SDK's own retry messages stay)."""
+    for name in ("httpx", "httpx2"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
 
 
 def response_format(schema: dict) -> dict:

@@ -227,6 +227,7 @@ def test_bad_key_is_a_clear_error_and_never_shown(server, monkeypatch, caplog):
     assert wrong not in message and wrong[-8:] not in message and "[redacted]" in message
     assert err.value.__cause__ is None and err.value.__suppress_context__  # no SDK traceback with the key
     assert wrong not in caplog.text and wrong[-8:] not in caplog.text and wrong not in repr(lm)
+    assert not [r for r in caplog.records if r.name.startswith("httpx") and r.levelno >= logging.INFO]
     assert server.count("ok") == 1  # an auth failure is not retried
     monkeypatch.delenv("PREFDATA_TEST_KEY")
     with pytest.raises(ApiError, match="it is not set"):
