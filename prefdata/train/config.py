@@ -28,8 +28,11 @@ class TrainConfig:
     # loss settings
     beta: float = 0.1                   # DPO-family β; IPO's τ
     rpo_alpha: float = 1.0              # weight of the chosen NLL in RPO
-    rdpo_eps: float | None = None       # rDPO flip rate; None: per pair, from flip_prob
-    rdpo_eps_max: float = 0.45          # ε is clipped to [0, rdpo_eps_max] (< 0.5)
+    rdpo_eps: float | str = "dataset"   # rDPO flip rate: "dataset" (the noise step's ε, from the
+                                        # parquet metadata) | "per_pair" (flip_prob) | a number
+    rdpo_eps_max: float = 0.45          # < 0.5; per-pair flip_prob above it: see rdpo_over_max
+    rdpo_over_max: Literal["flip", "clip", "drop"] = "flip"  # flip: swap the pair (the ensemble
+                                        # believes the label is wrong), p -> 1 - p
     label_smoothing: float = 0.1        # cDPO ε
     simpo_beta: float = 2.0
     simpo_gamma: float = 0.5
@@ -39,8 +42,11 @@ class TrainConfig:
     max_length: int = 1024              # prompt + one response, in tokens
     max_prompt_length: int | None = None  # longer prompts keep their end
     eval_fraction: float = 0.05
-    eval_max: int = 256                 # at most this many eval examples
+    eval_max: int = 256                 # about this many eval examples at most (whole prompts)
     group_by_length: bool = True
+    order: Literal["auto", "shuffle", "curriculum"] = "auto"  # auto: curriculum when the data has
+                                        # curriculum_order/iteration (the curriculum step)
+    curriculum_shuffle: bool = False    # shuffle within each curriculum iteration
 
     # optimisation
     batch_size: int = 4                 # examples per batch (loss = mean over the batch)
@@ -59,6 +65,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"   # bf16: autocast, fp32 master weights
     gradient_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    packing: Literal["auto", "on", "off"] = "auto"  # prefix sharing, checked against unpacked log-probs
+                                        # at start: auto falls back to unpacked, on refuses
+    keep_dropout: bool = False          # False: dropout off in the policy (as TRL does)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     seed: int = 0
 
@@ -67,16 +76,20 @@ class TrainConfig:
     eval_every: int = 50                # 0: only at the start and the end
     save_every: int = 100               # 0: only at the end
     keep_checkpoints: int = 2
+    progress: bool = True               # tqdm bars (reference pass, training steps)
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = "prefdata"
 
 
-# Settings a resumed run may change; any other difference is an error.
+# Settings a resumed run may change; any other difference is an error. Not max_steps or
+# epochs: the learning-rate schedule is laid out over the total, so changing it on resume
+# would silently reshape the cosine.
 RESUMABLE_CHANGES = {
-    "max_steps", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints",
+    "log_every", "eval_every", "save_every", "keep_checkpoints", "progress",
     "tensorboard", "wandb", "wandb_project", "device", "ref_cache_dir", "ref_batch_size",
 }
+RDPO_EPS_MODES = ("dataset", "per_pair")
 
 
 def config_from(values: dict, where: str = "train config") -> TrainConfig:
@@ -130,12 +143,42 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"train config: 'eval_fraction' must be in [0, 1), got {cfg.eval_fraction}")
     if not 0.0 <= cfg.rdpo_eps_max < 0.5:
         raise ValueError(f"train config: 'rdpo_eps_max' must be in [0, 0.5), got {cfg.rdpo_eps_max}")
-    if cfg.rdpo_eps is not None and not 0.0 <= cfg.rdpo_eps < 0.5:
-        raise ValueError(f"train config: 'rdpo_eps' must be in [0, 0.5), got {cfg.rdpo_eps}")
+    if isinstance(cfg.rdpo_eps, str) and cfg.rdpo_eps not in RDPO_EPS_MODES:
+        raise ValueError(f"train config: 'rdpo_eps' must be one of {list(RDPO_EPS_MODES)} or a number in "
+                         f"[0, 0.5), got {cfg.rdpo_eps!r}")
+    if not isinstance(cfg.rdpo_eps, str) and not 0.0 <= cfg.rdpo_eps <= cfg.rdpo_eps_max:
+        raise ValueError(f"train config: 'rdpo_eps' must be in [0, rdpo_eps_max={cfg.rdpo_eps_max}], "
+                         f"got {cfg.rdpo_eps}")
     if not 0.0 <= cfg.label_smoothing < 0.5:
         raise ValueError(f"train config: 'label_smoothing' must be in [0, 0.5), got {cfg.label_smoothing}")
     if cfg.beta <= 0 or cfg.simpo_beta <= 0:
         raise ValueError("train config: 'beta' and 'simpo_beta' must be > 0")
+    check_schedule(cfg)
+
+
+def check_schedule(cfg: TrainConfig) -> None:
+    """Settings that would only fail (or silently do nothing) mid-run."""
+    at_least = {"log_every": 1, "keep_checkpoints": 1, "eval_every": 0, "save_every": 0, "eval_max": 0}
+    for name, low in at_least.items():
+        if getattr(cfg, name) < low:
+            what = {"log_every": "; 1 logs every step", "keep_checkpoints": "; the newest checkpoint is always kept",
+                    "eval_every": "; 0 evaluates at the start and the end only",
+                    "save_every": "; 0 saves at the end only"}.get(name, "")
+            raise ValueError(f"train config: '{name}' must be >= {low}, got {getattr(cfg, name)}{what}")
+    if cfg.lr <= 0:
+        raise ValueError(f"train config: 'lr' must be > 0, got {cfg.lr}")
+    if cfg.max_steps is None and cfg.epochs <= 0:
+        raise ValueError(f"train config: 'epochs' must be > 0 (or set max_steps), got {cfg.epochs}")
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        raise ValueError(f"train config: 'warmup_ratio' must be in [0, 1), got {cfg.warmup_ratio}")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ValueError(f"train config: 'min_lr_ratio' must be in [0, 1], got {cfg.min_lr_ratio}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ValueError(f"train config: '{name}' must be in [0, 1), got {getattr(cfg, name)}")
+    for name in ("weight_decay", "max_grad_norm", "rpo_alpha", "pro_sft_weight"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"train config: '{name}' must be >= 0, got {getattr(cfg, name)}")
 
 
 def as_dict(cfg: TrainConfig) -> dict:

@@ -5,7 +5,9 @@ lists); lists use ``prompt``, ``responses`` (one assistant message each, best fi
 ``scores``. Each example becomes prompt token ids plus one id list per response.
 Truncation keeps the prompt's end (to ``max_prompt_length``) and the responses' start (so
 that prompt + response fits ``max_length``); what was cut is counted. Batches are grouped
-by length so that padded micro-batches waste little.
+by length so that padded micro-batches waste little. The eval split takes whole prompts
+(``prompt_id``), so no prompt is in both splits; a table from the ``curriculum`` step is
+trained in its ``curriculum_order``, iteration by iteration.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ class Examples:
     ids: list[str]                         # pair_id (or row number)
     scores: list[list[float]] | None = None
     flip_prob: list[float] | None = None
+    groups: list[str] = field(default_factory=list)     # prompt_id (or the prompt's tokens): eval split unit
+    iteration: np.ndarray | None = None    # curriculum iteration and order, when the data has them
+    order: np.ndarray | None = None
     stats: dict = field(default_factory=dict)
     fingerprint: str = ""                  # hash of every token id: data, template, truncation
 
@@ -71,7 +76,8 @@ def load_examples(path: str | Path, tokenizer, max_length: int,
             f"or {missing_lists} for a list file (needs {list(LIST_COLUMNS)}); found {names}. "
             "Point --data at the output of the pipeline's build step."
         )
-    extra = [c for c in ("pair_id", "score_chosen", "score_rejected", "flip_prob") if c in names]
+    extra = [c for c in ("pair_id", "prompt_id", "score_chosen", "score_rejected", "flip_prob",
+                         "iteration", "curriculum_order") if c in names]
     table = pq.read_table(path, columns=columns + extra)
     rows = table.to_pydict()
     n = table.num_rows
@@ -80,7 +86,7 @@ def load_examples(path: str | Path, tokenizer, max_length: int,
     ids = [str(x) for x in rows["pair_id"]] if "pair_id" in rows else [str(i) for i in range(n)]
 
     stats = {"rows": n, "prompts_truncated": 0, "responses_truncated": 0, "tokens_cut": 0}
-    prompts, responses, too_long = [], [], []
+    prompts, responses, too_long, groups = [], [], [], []
     for i in range(n):
         where = f"{path}, row {i} ({'pair_id=' + ids[i] if 'pair_id' in rows else 'no pair_id'})"
         prompt = _messages(rows["prompt"][i], "prompt", where)
@@ -110,6 +116,7 @@ def load_examples(path: str | Path, tokenizer, max_length: int,
                 r_ids[j] = r[:room]
         prompts.append(p_ids)
         responses.append(r_ids)
+        groups.append(str(rows["prompt_id"][i]) if "prompt_id" in rows else _token_key(p_ids))
     if too_long:
         first = ", ".join(f"row {i} ({t} tokens)" for i, t in too_long[:5])
         raise DataError(
@@ -118,7 +125,10 @@ def load_examples(path: str | Path, tokenizer, max_length: int,
             "max_prompt_length (< max_length) to keep only the end of long prompts."
         )
 
-    ex = Examples(kind=kind, prompts=prompts, responses=responses, ids=ids, stats=stats)
+    ex = Examples(kind=kind, prompts=prompts, responses=responses, ids=ids, stats=stats, groups=groups)
+    if "curriculum_order" in rows and "iteration" in rows:
+        ex.order = _complete(rows["curriculum_order"], "curriculum_order", path)
+        ex.iteration = _complete(rows["iteration"], "iteration", path)
     if kind == "lists":
         ex.scores = [list(map(float, s or [])) for s in rows["scores"]]
         bad = [i for i, (s, r) in enumerate(zip(ex.scores, responses)) if len(s) != len(r)]
@@ -140,6 +150,37 @@ def load_examples(path: str | Path, tokenizer, max_length: int,
     stats.update(mean_packed_tokens=float(lengths.mean()), max_packed_tokens=int(lengths.max()))
     ex.fingerprint = _fingerprint(ex)
     return ex
+
+
+def _complete(values: list, column: str, path) -> np.ndarray:
+    nulls = [i for i, v in enumerate(values) if v is None]
+    if nulls:
+        raise DataError(f"{path}: '{column}' is empty in {len(nulls)} row(s) (first: row {nulls[0]}); "
+                        "re-run the curriculum step, or set order: shuffle")
+    return np.asarray(values, dtype=np.int64)
+
+
+def _token_key(ids: list[int]) -> str:
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def subset(ex: Examples, keep: np.ndarray, flip: np.ndarray | None = None) -> Examples:
+    """The examples where ``keep``, with chosen and rejected swapped where ``flip`` (pairs)."""
+    flip = np.zeros(len(ex), bool) if flip is None else flip
+    idx = np.flatnonzero(keep)
+
+    def pick(values):
+        return None if values is None else [values[i] for i in idx]
+
+    out = Examples(kind=ex.kind, prompts=pick(ex.prompts), ids=pick(ex.ids), groups=pick(ex.groups),
+                   responses=[ex.responses[i][::-1] if flip[i] else ex.responses[i] for i in idx],
+                   scores=None if ex.scores is None else [ex.scores[i][::-1] if flip[i] else ex.scores[i] for i in idx],
+                   flip_prob=None if ex.flip_prob is None else
+                   [1.0 - ex.flip_prob[i] if flip[i] else ex.flip_prob[i] for i in idx],
+                   iteration=None if ex.iteration is None else ex.iteration[idx],
+                   order=None if ex.order is None else ex.order[idx], stats=dict(ex.stats))
+    out.fingerprint = _fingerprint(out)
+    return out
 
 
 def _messages(value, column: str, where: str) -> list[dict]:
@@ -189,13 +230,21 @@ def _fingerprint(ex: Examples) -> str:
     return h.hexdigest()[:16]
 
 
-def split_eval(n: int, fraction: float, max_eval: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train and eval row indices: a fixed random subset of ``fraction`` (at most max_eval)."""
-    n_eval = min(int(round(n * fraction)), max_eval) if fraction > 0 else 0
-    if n_eval >= n:
-        n_eval = n - 1
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[n_eval:]), np.sort(order[:n_eval])
+def split_eval(groups: list[str], fraction: float, max_eval: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and eval row indices: whole prompts (``groups``) drawn at random until about
+    ``fraction`` of the rows (at most ``max_eval``, give or take one prompt) are eval rows;
+    no prompt is in both, so eval measures prompts the policy has not trained on."""
+    n = len(groups)
+    target = min(int(round(n * fraction)), max_eval) if fraction > 0 else 0
+    keys, inverse, sizes = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True,
+                                     return_counts=True)
+    if target == 0 or len(keys) < 2:
+        return np.arange(n), np.arange(0)
+    drawn = np.random.default_rng(seed).permutation(len(keys))
+    taken = np.cumsum(sizes[drawn])
+    n_groups = min(int(np.searchsorted(taken, target)) + 1, len(keys) - 1)
+    is_eval = np.isin(inverse, drawn[:n_groups])
+    return np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
 
 
 def epoch_batches(indices: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int,
@@ -214,6 +263,19 @@ def epoch_batches(indices: np.ndarray, lengths: np.ndarray, batch_size: int, see
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if group_by_length:
         batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def curriculum_batches(indices: np.ndarray, iteration: np.ndarray, order: np.ndarray, batch_size: int,
+                       seed: int, epoch: int, shuffle_within: bool = False) -> list[np.ndarray]:
+    """The batches of one epoch in curriculum order: iteration by iteration, each in its
+    ``curriculum_order`` (or a seeded shuffle); a batch never mixes two iterations."""
+    rng = np.random.default_rng([seed, epoch])
+    batches = []
+    for it in np.unique(iteration[indices]):
+        members = indices[iteration[indices] == it]
+        members = rng.permutation(members) if shuffle_within else members[np.argsort(order[members], kind="stable")]
+        batches += [members[i:i + batch_size] for i in range(0, len(members), batch_size)]
     return batches
 
 

@@ -134,8 +134,11 @@ def rewards(loss: str, logps, n_tokens, ref_logps, beta: float, simpo_beta: floa
     return beta * (logps - ref_logps)
 
 
-def compute_loss(cfg, logps, n_tokens, valid, ref_logps=None, scores=None, flip_prob=None):
-    """Dispatch on ``cfg.loss``: per-example losses [B] for [B, K] log-probs (K = 2 for pairs)."""
+def compute_loss(cfg, logps, n_tokens, valid, ref_logps=None, scores=None, flip_prob=None, rdpo_eps=None):
+    """Dispatch on ``cfg.loss``: per-example losses [B] for [B, K] log-probs (K = 2 for pairs).
+
+    rDPO takes ``rdpo_eps`` (one ε, resolved at start by robust.py) or else the per-pair
+    ``flip_prob`` [B]."""
     name = cfg.loss
     if name == "pro":
         return pro_loss(logps, n_tokens, valid, scores, cfg.pro_sft_weight)
@@ -148,7 +151,9 @@ def compute_loss(cfg, logps, n_tokens, valid, ref_logps=None, scores=None, flip_
     if name == "rpo":
         return rpo_loss(c, r, rc, rr, n_tokens[:, 0], cfg.beta, cfg.rpo_alpha)
     if name == "rdpo":
-        eps = cfg.rdpo_eps if cfg.rdpo_eps is not None else flip_prob
+        eps = rdpo_eps if rdpo_eps is not None else flip_prob
+        if eps is None:
+            raise ValueError("rdpo: no ε: give rdpo_eps or the per-pair flip_prob")
         return rdpo_loss(c, r, rc, rr, cfg.beta, eps, cfg.rdpo_eps_max)
     if name == "cdpo":
         return cdpo_loss(c, r, rc, rr, cfg.beta, cfg.label_smoothing)

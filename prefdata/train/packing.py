@@ -126,3 +126,36 @@ def response_logps(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tens
         0, owner, torch.ones_like(token_logps)
     )
     return sums.view(B, K), counts.view(B, K)
+
+
+def packed_logps(model, rows, device, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs [B,K] and token counts [B,K] of ``rows`` in one prefix-shared forward."""
+    return response_logps(model, collate(rows, pad_id=pad_id), device)
+
+
+def unpacked_logps(model, rows, device, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same numbers from one ordinary ``model(prompt + response)`` forward per response.
+
+    The model's own forward (its attention masks, sliding windows, logit scaling and
+    soft-capping), so it is the ground truth the packed path is checked against and the
+    fallback when they differ. Slower: the prompt is computed once per response.
+    """
+    K = max(len(r) for _, r in rows)
+    sums = torch.zeros(len(rows), K, dtype=torch.float32, device=device)
+    counts = torch.zeros(len(rows), K, dtype=torch.float32, device=device)
+    for b, (prompt, responses) in enumerate(rows):
+        for k, resp in enumerate(responses):
+            ids = torch.tensor([prompt + resp], device=device)
+            logits = _logits(model, ids, len(resp) + 1)[0, -len(resp) - 1:-1].float()
+            target = torch.tensor(resp, device=device)
+            token_logps = logits.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+            sums[b, k] = token_logps.sum()
+            counts[b, k] = len(resp)
+    return sums, counts
+
+
+def _logits(model, ids: torch.Tensor, keep: int) -> torch.Tensor:
+    try:
+        return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+    except TypeError:  # a model without logits_to_keep
+        return model(input_ids=ids, use_cache=False).logits

@@ -1,10 +1,11 @@
 """Train a causal LM on the pipeline's preference data: setup, data, loop, eval, checkpoint.
 
 One pair (or ranked list) is one packed sequence — the prompt once, then every response
-(prefix sharing, see packing.py) — so a batch costs no padding and no reference forward:
-reference log-probs come from a cache computed once (reference.py). Losses are in
-losses.py. Checkpoints hold safetensors weights, optimizer, scheduler, RNG states and the
-data position; ``--resume`` continues exactly where the last one left off.
+(prefix sharing, see packing.py; checked against the model's own forward at start, see
+verify.py) — so a batch costs no padding and no reference forward: reference log-probs
+come from a cache computed once (reference.py). Losses are in losses.py; rDPO's ε is
+decided in robust.py; checkpoints and run identity in checkpoints.py. ``--resume``
+continues exactly where the last checkpoint left off, and only the same run.
 
     prefdata train --data out/pairs.parquet --model smollm2-135m-instruct --loss dpo
 """
@@ -15,24 +16,24 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
 
 from prefdata.io import write_json
 from prefdata.models.hub import load_causal_lm, resolve
-from prefdata.train import losses
-from prefdata.train.config import RESUMABLE_CHANGES, TrainConfig, as_dict, config_from, parse_set, read_recipe
-from prefdata.train.data import DataError, epoch_batches, load_examples, micro_batches, split_eval
-from prefdata.train.packing import collate, response_logps
-from prefdata.train.reference import reference_logps
+from prefdata.train import losses, robust
+from prefdata.train.checkpoints import (check_resumable, load_checkpoint, new_run_id, open_run_folder, read_state,
+                                        run_identity, save_checkpoint, save_final)
+from prefdata.train.config import TrainConfig, as_dict, config_from, parse_set, read_recipe
+from prefdata.train.data import (DataError, curriculum_batches, epoch_batches, load_examples, micro_batches,
+                                 split_eval)
+from prefdata.train.reference import check_same_tokenizer, reference_logps
+from prefdata.train.verify import choose_logps
 
 log = logging.getLogger("prefdata.train")
 
@@ -45,75 +46,102 @@ def main(argv: list[str]) -> int:
     p.add_argument("--loss", help=f"one of {', '.join(losses.LOSSES)}")
     p.add_argument("--output", help="run folder (checkpoints, log.jsonl, final model)")
     p.add_argument("--config", help="YAML recipe of TrainConfig fields")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --output that holds another run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any TrainConfig field, e.g. --set lr=5e-7 (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     args = p.parse_args(argv)
+    configure_logging(args.verbose)
     try:
         values = read_recipe(args.config) if args.config else {}
         values.update({k: getattr(args, k) for k in ("data", "model", "loss", "output")
                        if getattr(args, k) is not None})
         values.update(parse_set(args.set))
         cfg = config_from(values, where=args.config or "prefdata train")
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, overwrite=args.overwrite)
     except (DataError, ValueError, TypeError, FileNotFoundError) as exc:
+        if args.verbose:
+            raise
         print(f"prefdata train: error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, on_step=None) -> dict:
+def configure_logging(verbose: bool = False) -> None:
+    """As ``prefdata run`` does (cli.py): INFO (DEBUG with -v), time, level and logger name."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_after: int | None = None,
+          on_step=None) -> dict:
     """Run training; returns a summary.
 
     ``stop_after`` ends the run after that step (tests use it as a crash); ``on_step`` is
     called with each step's record after the optimizer step (benchmarks time it).
     """
-    # ---- setup -------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    from transformers import AutoTokenizer
+
+    # ---- setup: refuse to mix runs before anything is loaded -----------------------------
     out = Path(cfg.output)
+    ckpt = open_run_folder(out, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     seed_everything(cfg.seed)
     bf16 = cfg.precision == "bf16"
     autocast = lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        print(f"prefdata train: no checkpoint under {out}/checkpoints; starting from step 0")
-    if ckpt is not None:
-        check_resumable(ckpt, cfg)
-    run_log = RunLog(out, cfg, resume_step=read_state(ckpt)["step"] if ckpt else None)
 
     # ---- data --------------------------------------------------------------------------
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model))
+    if cfg.reference not in (None, cfg.model) and cfg.loss not in losses.REFERENCE_FREE:
+        check_same_tokenizer(tokenizer, cfg.reference, cfg.model)
     examples = load_examples(cfg.data, tokenizer, cfg.max_length, cfg.max_prompt_length)
     check_data_fits_loss(examples, cfg)
-    train_idx, eval_idx = split_eval(len(examples), cfg.eval_fraction, cfg.eval_max, cfg.seed)
+    examples, rdpo_eps, rdpo_info = robust.prepare(examples, cfg)
+    identity = run_identity(cfg, examples.fingerprint, {"rdpo_eps": rdpo_info.get("rdpo_eps")})
+    if ckpt is not None:
+        check_resumable(ckpt, cfg, identity)
+    run = {"run_id": read_state(ckpt).get("run_id") if ckpt else new_run_id(), "identity": identity}
+    train_idx, eval_idx = split_eval(examples.groups, cfg.eval_fraction, cfg.eval_max, cfg.seed)
     lengths = examples.lengths()
-    st = examples.stats
-    print(f"data: {len(examples)} {examples.kind} -> {len(train_idx)} train, {len(eval_idx)} eval; truncated "
-          f"{st['prompts_truncated']} prompts and {st['responses_truncated']} responses ({st['tokens_cut']} tokens "
-          f"cut); packed length mean {st['mean_packed_tokens']:.0f}, max {st['max_packed_tokens']}")
-    batches_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
+    curriculum = use_curriculum(cfg, examples)
 
-    # ---- model, and reference log-probs while the weights are still the initial ones -----
+    def epoch_plan(epoch: int) -> list[np.ndarray]:
+        if curriculum:
+            return curriculum_batches(train_idx, examples.iteration, examples.order, cfg.batch_size, cfg.seed,
+                                      epoch, cfg.curriculum_shuffle)
+        return epoch_batches(train_idx, lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
+
+    batches_per_epoch = len(epoch_plan(0))
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
+    st = examples.stats
+    log.info("data: %d %s -> %d train, %d eval (split by prompt); truncated %d prompts and %d responses "
+             "(%d tokens cut); packed length mean %.0f, max %d; order: %s", len(examples), examples.kind,
+             len(train_idx), len(eval_idx), st["prompts_truncated"], st["responses_truncated"], st["tokens_cut"],
+             st["mean_packed_tokens"], st["max_packed_tokens"],
+             f"curriculum, {len(np.unique(examples.iteration))} iterations" if curriculum else "shuffled")
+
+    # ---- model, checked packing, and reference log-probs while the weights are the initial ones
     model, tokenizer = load_policy(cfg.model, cfg, device)
+    logps_fn, pack_info = choose_logps(model, cfg.model, examples, cfg.packing, device)
+
+    def load_reference(name: str):
+        ref_model = load_policy(name, cfg, device)[0]
+        return ref_model, choose_logps(ref_model, name, examples, cfg.packing, device)[0]
+
     ref = None
-    info = {"reference_cache": "not needed"}
+    info = {"reference_cache": "not needed", **pack_info, **rdpo_info}
     if cfg.loss not in losses.REFERENCE_FREE:
-        ref, info = reference_logps(examples, cfg, model, device, autocast,
-                                    lambda name: load_policy(name, cfg, device)[0])
-        print(f"reference log-probs: cache {info['reference_cache']} ({info['reference_cache_path']})")
-    write_json({"config": as_dict(cfg), "data": examples.stats, "data_fingerprint": examples.fingerprint,
-                "train_examples": len(train_idx), "eval_examples": len(eval_idx), "total_steps": total_steps,
-                **info}, out / "run.json")
+        ref, ref_info = reference_logps(examples, cfg, model, device, autocast, load_reference, logps_fn)
+        info.update(ref_info)
+        log.info("reference log-probs: cache %s (%s)", info["reference_cache"], info["reference_cache_path"])
+    write_json({"config": as_dict(cfg), "data": examples.stats, **run, "train_examples": len(train_idx),
+                "eval_examples": len(eval_idx), "total_steps": total_steps, **info}, out / "run.json")
     if cfg.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
 
     # ---- optimizer and schedule: linear warmup, then cosine ------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
@@ -132,23 +160,22 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     # ---- resume ------------------------------------------------------------------------
     step, baseline = 0, None
     if ckpt is not None:
-        step, baseline = load_checkpoint(ckpt, cfg, model, optimizer, scheduler)
-        print(f"resumed from {ckpt} at step {step}")
+        step, baseline = load_checkpoint(ckpt, model, optimizer, scheduler)
+        log.info("resumed from %s at step %d", ckpt, step)
+    run_log = RunLog(out, cfg, resume_step=step if ckpt else None)
 
     def batch_at(g: int) -> np.ndarray:
-        return epoch_batches(train_idx, lengths, cfg.batch_size, cfg.seed, g // batches_per_epoch,
-                             cfg.group_by_length)[g % batches_per_epoch]
+        return epoch_plan(g // batches_per_epoch)[g % batches_per_epoch]
 
     def forward(idx: np.ndarray) -> tuple[torch.Tensor, dict]:
         """Per-example losses, rewards and log-probs of one micro-batch."""
-        batch = collate([examples.row(i) for i in idx], pad_id=tokenizer.pad_token_id or 0)
         with autocast():
-            logps, n_tokens = response_logps(model, batch, device)
+            logps, n_tokens = logps_fn(model, [examples.row(i) for i in idx], device)
         valid = n_tokens > 0
         ref_b = None if ref is None else torch.nan_to_num(torch.tensor(ref[idx], dtype=torch.float32, device=device))
         scores = None if examples.scores is None else pad_rows([examples.scores[i] for i in idx], logps)
         flip = None if examples.flip_prob is None else torch.tensor([examples.flip_prob[i] for i in idx], device=device)
-        loss = losses.compute_loss(cfg, logps, n_tokens, valid, ref_b, scores, flip)
+        loss = losses.compute_loss(cfg, logps, n_tokens, valid, ref_b, scores, flip, rdpo_eps)
         rew = losses.rewards(cfg.loss, logps, n_tokens, ref_b, cfg.beta, cfg.simpo_beta)
         return loss, {"rewards": rew.detach(), "logps": logps.detach(), "valid": valid}
 
@@ -168,57 +195,64 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     # ---- loop --------------------------------------------------------------------------
     model.train()
     model.config.use_cache = False
-    if baseline is None:
-        baseline = evaluate()
-        if baseline:
-            run_log.write({"step": 0, **baseline})
-    warned = False
-    pairs_per_step = cfg.batch_size * cfg.grad_accum
-    while step < total_steps:
-        t0 = time.perf_counter()
-        parts, loss_sum, n_seen = [], 0.0, 0
-        for a in range(cfg.grad_accum):
-            batch = batch_at(step * cfg.grad_accum + a)
-            for idx in micro_batches(batch, lengths, cfg.micro_batch_size):
-                loss, stats = forward(idx)
-                (loss.sum() / (len(batch) * cfg.grad_accum)).backward()
-                loss_sum += loss.detach().sum().item() / len(batch)
-                parts.append(stats)
-            n_seen += len(batch)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        seconds = time.perf_counter() - t0
-        record = {"step": step, "loss": loss_sum / cfg.grad_accum, "lr": lr, "grad_norm": float(grad_norm),
-                  **summarize(parts), "seconds": seconds, "examples_per_s": n_seen / seconds,
-                  "epoch": step * cfg.grad_accum / batches_per_epoch}
-        if on_step is not None:
-            on_step(record)
-        if step % cfg.log_every == 0 or step == total_steps:
-            run_log.write(record)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
-            metrics = evaluate()
-            if metrics:
-                metrics.update(displacement(metrics, baseline))
-                run_log.write({"step": step, **metrics})
-                if not warned and metrics.get("eval/likelihood_displacement"):
-                    warned = True
-                    print(f"warning: the chosen log-prob fell {-metrics['eval/chosen_logp_change']:.2f} nats "
-                          "below its start while the margin grew (likelihood displacement, Razin et al. "
-                          "2024); consider --loss rpo or filtering pairs by CHES")
-        if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
-            save_checkpoint(out, step, model, optimizer, scheduler, cfg, baseline)
-        if stop_after is not None and step >= stop_after:
-            run_log.close()
-            return {"step": step, "stopped": True, **info}
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not cfg.progress)
+    with logging_redirect_tqdm():
+        if baseline is None:
+            baseline = evaluate()
+            if baseline:
+                run_log.write({"step": 0, **baseline})
+        warned = False
+        while step < total_steps:
+            t0 = time.perf_counter()
+            parts, loss_sum, n_seen = [], 0.0, 0
+            for a in range(cfg.grad_accum):
+                batch = batch_at(step * cfg.grad_accum + a)
+                for idx in micro_batches(batch, lengths, cfg.micro_batch_size):
+                    loss, stats = forward(idx)
+                    (loss.sum() / (len(batch) * cfg.grad_accum)).backward()
+                    loss_sum += loss.detach().sum().item() / len(batch)
+                    parts.append(stats)
+                n_seen += len(batch)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seconds = time.perf_counter() - t0
+            record = {"step": step, "loss": loss_sum / cfg.grad_accum, "lr": lr, "grad_norm": float(grad_norm),
+                      **summarize(parts), "seconds": seconds, "examples_per_s": n_seen / seconds,
+                      "epoch": step * cfg.grad_accum / batches_per_epoch}
+            if curriculum:
+                record["iteration"] = int(examples.iteration[batch[-1]])
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if on_step is not None:
+                on_step(record)
+            if step % cfg.log_every == 0 or step == total_steps:
+                run_log.write(record)
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
+                metrics = evaluate()
+                if metrics:
+                    metrics.update(displacement(metrics, baseline))
+                    run_log.write({"step": step, **metrics})
+                    if not warned and metrics.get("eval/likelihood_displacement"):
+                        warned = True
+                        log.warning("the chosen log-prob fell %.2f nats below its start while the margin grew "
+                                    "(likelihood displacement, Razin et al. 2024); consider --loss rpo or "
+                                    "filtering pairs by CHES", -metrics["eval/chosen_logp_change"])
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
+                save_checkpoint(out, step, model, optimizer, scheduler, cfg, baseline, run)
+            if stop_after is not None and step >= stop_after:
+                bar.close()
+                run_log.close()
+                return {"step": step, "stopped": True, **info}
+    bar.close()
 
     # ---- final model: loads with AutoModelForCausalLM.from_pretrained(output) -------------
     save_final(out, model, tokenizer)
     run_log.close()
-    print(f"done: {step} steps, {pairs_per_step} examples per step; model saved to {out}")
+    log.info("done: %d steps, %d examples per step; model saved to %s", step, cfg.batch_size * cfg.grad_accum, out)
     return {"step": step, "stopped": False, **info}
 
 
@@ -235,18 +269,48 @@ def check_data_fits_loss(examples, cfg: TrainConfig) -> None:
     if examples.kind == "lists" and cfg.loss not in losses.LIST_LOSSES:
         raise DataError(f"{cfg.data} holds ranked lists; '{cfg.loss}' needs pairs. Use --loss pro, "
                         "or build pairs with the pipeline's build step")
-    if cfg.loss == "rdpo" and cfg.rdpo_eps is None and examples.flip_prob is None:
-        raise DataError(f"{cfg.data}: rdpo with a per-pair ε needs a complete 'flip_prob' column (the "
-                        "noise step writes it); none found. Or set rdpo_eps for one global flip rate")
+
+
+def use_curriculum(cfg: TrainConfig, examples) -> bool:
+    """Curriculum order when asked, or by default when the data has it."""
+    has = examples.order is not None
+    if cfg.order == "curriculum" and not has:
+        raise DataError(f"{cfg.data}: order: curriculum needs the 'curriculum_order' and 'iteration' columns "
+                        "(the curriculum step writes them); none found. Use order: shuffle")
+    return cfg.order == "curriculum" or (cfg.order == "auto" and has)
 
 
 def load_policy(name: str, cfg: TrainConfig, device: str):
-    """(model, tokenizer) in fp32 (bf16 runs under autocast) with the attention prefix sharing needs."""
+    """(model, tokenizer) in fp32 (bf16 runs under autocast), dropout off unless kept."""
     model, tokenizer = load_causal_lm(name, device=device, dtype="float32")
     model.set_attn_implementation(cfg.attn_implementation)
-    if getattr(model.config, "final_logit_softcapping", None):
-        raise ValueError(f"{name}: models with logit soft-capping are not supported by the packed LM head")
+    if not cfg.keep_dropout:
+        disable_dropout(model)
     return model, tokenizer
+
+
+def disable_dropout(model) -> int:
+    """Dropout off everywhere (as TRL does): the log-prob of a response should not depend on
+    a random mask, or the policy and the cached reference disagree at step 0. Covers
+    ``nn.Dropout`` modules and the float rates attention layers read in their forward."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p:
+            module.p, changed = 0.0, changed + 1
+        for attr in ("attention_dropout", "dropout", "hidden_dropout", "attn_dropout"):
+            value = getattr(module, attr, None)
+            if isinstance(value, float) and value and not isinstance(module, torch.nn.Dropout):
+                setattr(module, attr, 0.0)
+                changed += 1
+    return changed
+
+
+def enable_gradient_checkpointing(model) -> None:
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def pad_rows(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
@@ -284,7 +348,7 @@ def displacement(metrics: dict, baseline: dict) -> dict:
 
 
 class RunLog:
-    """Step records to stdout and <output>/log.jsonl; TensorBoard and W&B when asked."""
+    """Step records to the log and <output>/log.jsonl; TensorBoard and W&B when asked."""
 
     def __init__(self, out: Path, cfg: TrainConfig, resume_step: int | None):
         self.path = out / "log.jsonl"
@@ -311,9 +375,8 @@ class RunLog:
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                           if k not in ("seconds", "epoch"))
-        print(shown, flush=True)
+        log.info(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                            if k not in ("seconds", "epoch")))
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb:
             for k, v in numbers.items():
@@ -327,84 +390,6 @@ class RunLog:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
-
-
-# ---- checkpoints: safetensors + JSON, written to a temp folder then renamed ------------------
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, baseline: dict) -> Path:
-    folder = out / "checkpoints"
-    final, tmp = folder / f"step-{step:07d}", folder / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    opt = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v.contiguous() for i, s in opt["state"].items() for k, v in s.items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    np_state = np.random.get_state()
-    state = {"step": step, "config": as_dict(cfg), "baseline": baseline,
-             "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
-             "rng_python": random.getstate(),
-             "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-    (tmp / "state.json").write_text(json.dumps(state))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(folder.glob("step-*"))[: -cfg.keep_checkpoints or None]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "checkpoints").glob("step-*"))
-    return found[-1] if found else None
-
-
-def read_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / "state.json").read_text())
-
-
-def check_resumable(ckpt: Path, cfg: TrainConfig) -> None:
-    saved, now = read_state(ckpt)["config"], as_dict(cfg)
-    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
-    if changed:
-        raise ValueError(f"cannot resume from {ckpt}: {', '.join(f'{k} {saved.get(k)!r} -> {now[k]!r}' for k in changed)} "
-                         "changed; resume with the same settings, or start a new run in another --output")
-
-
-def load_checkpoint(ckpt: Path, cfg: TrainConfig, model, optimizer, scheduler) -> tuple[int, dict]:
-    state = read_state(ckpt)
-    load_model(model, str(ckpt / "model.safetensors"))
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    per_param: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if not key.startswith("rng."):
-            i, name = key.split(".", 1)
-            per_param.setdefault(int(i), {})[name] = value
-    groups = [{**g, "betas": tuple(g["betas"])} for g in state["param_groups"]]
-    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    version, internal, gauss = state["rng_python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, *rest = state["rng_numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-    return state["step"], state["baseline"]
-
-
-def save_final(out: Path, model, tokenizer) -> None:
-    tmp = out / ".tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        os.replace(f, out / f.name)
-    tmp.rmdir()
 
 
 if __name__ == "__main__":

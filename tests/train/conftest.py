@@ -75,3 +75,28 @@ def pairs_file(tmp_path):
         return str(path)
 
     return make
+
+
+def direct_logps(model_path: str, data_path: str, max_length: int = 128):
+    """Summed response log-probs [n, 2] of every pair by an ordinary ``model(prompt + response)``
+    forward: an independent check of the trainer's packed path, cache and loss wiring."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefdata.train.data import load_examples
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    ex = load_examples(data_path, tok, max_length)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    out = np.zeros((len(ex), 2))
+    counts = np.zeros((len(ex), 2))
+    with torch.no_grad():
+        for i in range(len(ex)):
+            prompt, responses = ex.row(i)
+            for k, resp in enumerate(responses):
+                logits = model(input_ids=torch.tensor([prompt + resp])).logits[0].float()
+                lp = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
+                out[i, k] = lp.gather(-1, torch.tensor(resp)[:, None]).sum().item()
+                counts[i, k] = len(resp)
+    return out, counts

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -58,8 +59,11 @@ def test_resume_after_a_crash_gives_the_same_next_loss(tiny_model, pairs_file, t
 def test_resume_refuses_changed_settings(tiny_model, pairs_file, tmp_path):
     data = pairs_file(8)
     train(cfg_for(data, tiny_model, tmp_path / "r", max_steps=1, eval_fraction=0.0))
-    with pytest.raises(ValueError, match="lr"):
-        train(cfg_for(data, tiny_model, tmp_path / "r", max_steps=2, eval_fraction=0.0, lr=1e-4), resume=True)
+    with pytest.raises(ValueError, match=r"setting lr changed: 0.002 -> 0.0001"):
+        train(cfg_for(data, tiny_model, tmp_path / "r", max_steps=1, eval_fraction=0.0, lr=1e-4), resume=True)
+    # a longer run would reshape the cosine schedule: refused, not silently continued
+    with pytest.raises(ValueError, match=r"setting max_steps changed: 1 -> 2 \(the learning-rate schedule"):
+        train(cfg_for(data, tiny_model, tmp_path / "r", max_steps=2, eval_fraction=0.0), resume=True)
 
 
 def test_reference_cache_is_reused(tiny_model, pairs_file, tmp_path):
@@ -75,12 +79,35 @@ def test_reference_cache_is_reused(tiny_model, pairs_file, tmp_path):
     assert third["reference_cache"] == "miss"
 
 
-def test_every_loss_trains_a_step(tiny_model, pairs_file, tmp_path):
+def logsig(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def test_first_step_loss_of_every_loss_is_its_value_on_the_data(tiny_model, pairs_file, tmp_path):
+    """Step 1's logged loss (before any update: policy = reference) against each formula on
+    log-probs computed here by ordinary forwards."""
+    from conftest import direct_logps
+
     data = pairs_file(8)
-    for loss in ["rpo", "rdpo", "cdpo", "ipo", "simpo", "pro"]:
+    lp, n = direct_logps(tiny_model, data)
+    c, r, nc, nr = lp[:, 0], lp[:, 1], n[:, 0], n[:, 1]
+    beta, alpha, sb, sg, w = 0.1, 1.0, 2.0, 0.5, 0.05
+    rc, rr = c / nc, r / nr
+    expected = {
+        "dpo": np.log(2), "cdpo": np.log(2), "rdpo": np.log(2),   # h = 0 at step 1
+        "ipo": (1 / (2 * beta)) ** 2,
+        "rpo": np.log(2) + alpha * np.mean(-c / nc),
+        "simpo": np.mean(-logsig(sb * (rc - rr) - sg)),
+        "pro": np.mean(-(rc - np.logaddexp(rc, rr)) + w * (-c / nc)),   # scores 1, 0: 1/T = 1
+    }
+    for loss, want in expected.items():
         out = tmp_path / loss
-        train(cfg_for(data, tiny_model, out, loss=loss, max_steps=1, eval_fraction=0.0))
-        assert log_rows(out)[-1]["loss"] == pytest.approx(log_rows(out)[-1]["loss"])  # finite
+        train(cfg_for(data, tiny_model, out, loss=loss, max_steps=1, eval_fraction=0.0, batch_size=8,
+                      rdpo_eps=0.2, beta=beta, rpo_alpha=alpha, simpo_beta=sb, simpo_gamma=sg, pro_sft_weight=w))
+        assert log_rows(out)[-1]["loss"] == pytest.approx(want, rel=1e-4), loss
+
+
+def test_pro_trains_on_lists_and_lists_need_a_list_loss(tiny_model, tmp_path):
     lists = pa.table({
         "prompt": pa.array([[{"role": "user", "content": f"q{i}"}] for i in range(6)], MESSAGES),
         "responses": pa.array([[{"role": "assistant", "content": t} for t in ["best", "ok", "bad"][: 2 + i % 2]]
@@ -90,6 +117,7 @@ def test_every_loss_trains_a_step(tiny_model, pairs_file, tmp_path):
     path = tmp_path / "lists.parquet"
     pq.write_table(lists, path)
     train(cfg_for(str(path), tiny_model, tmp_path / "pro-lists", loss="pro", max_steps=2, eval_fraction=0.0))
+    assert [r["step"] for r in log_rows(tmp_path / "pro-lists")] == [1, 2]
     with pytest.raises(DataError, match="ranked lists"):
         train(cfg_for(str(path), tiny_model, tmp_path / "dpo-lists", max_steps=1))
 
@@ -121,10 +149,13 @@ def test_bad_data_gives_clear_errors(tiny_model, pairs_file, tmp_path, capsys):
     assert main(["--data", path, "--set", "max_length=20"] + base) == 2
     err = capsys.readouterr().err
     assert "leave no room for a response within max_length=20" in err and "max_prompt_length" in err
-    # rdpo without flip_prob
+    # rdpo: no dataset ε in the file's metadata; per_pair without flip_prob
     path = pairs_file(n=7, flip_prob=False)
     assert main(["--data", path, "--loss", "rdpo"] + base) == 2
-    assert "flip_prob" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "rdpo_eps: dataset needs the noise step's ε" in err and "prefdata_step:noise" in err
+    assert main(["--data", path, "--loss", "rdpo", "--set", "rdpo_eps=per_pair"] + base) == 2
+    assert "needs a complete 'flip_prob' column" in capsys.readouterr().err
 
 
 def test_truncation_keeps_prompt_end_and_counts(tiny_model, pairs_file):
