@@ -11,7 +11,13 @@ going to a log file. In order it:
    read) and are never printed,
 4. rebuilds the search index when the last run did not stop cleanly,
 5. starts an rq worker (``--worker``) for argilla's background jobs,
-6. serves the app with uvicorn on 127.0.0.1 only, until SIGTERM.
+6. serves the app with uvicorn on 127.0.0.1 only, until SIGTERM, then stops its children
+   and removes the ``RUNNING`` marker, so the next start trusts the search index.
+
+uvicorn (>= 0.29) re-raises the signal that stopped it once it has shut down, which with
+the default SIGTERM action kills the process before any ``finally`` runs; the launcher
+installs its own SIGTERM handler first, which uvicorn restores and then calls, and which
+turns the signal into an orderly exit.
 
 ``--worker-only`` is the worker process itself.
 """
@@ -40,6 +46,14 @@ WORKSPACE = "prefdata"
 log = logging.getLogger("prefdata.argilla_dev")
 
 
+class Stopped(Exception):
+    """SIGTERM arrived: leave through the ``finally`` blocks, not by the default signal action."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Stopped()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data-dir", required=True)
@@ -64,6 +78,7 @@ def main() -> int:
 
     children: list[subprocess.Popen] = []
     running = data / "search" / "RUNNING"
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         socket_path = configure_environment(data)
         children.append(start_redis(data, socket_path))
@@ -81,10 +96,13 @@ def main() -> int:
             children.append(_spawn([sys.executable, str(Path(__file__).resolve()), "--data-dir", str(data),
                                     "--port", str(args.port), "--worker-only"]))
         serve(args.port)
+    except Stopped:
+        log.info("SIGTERM: shutting down")
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
         for child in reversed(children):
             _stop(child)
-    running.unlink(missing_ok=True)  # reached only after a clean shutdown
+    running.unlink(missing_ok=True)  # reached only after a clean shutdown (an exception skips it)
     log.info("argilla-server stopped")
     return 0
 

@@ -25,7 +25,7 @@ class ArgillaPushConfig:
     workspace: str = "prefdata"
     batch_size: int = 200
     seed: int = 0
-    suggest_ai_label: bool = True
+    show_ai_suggestion: bool = False  # blind by default; see prefdata.argilla.push
     min_submitted: int = 1
     only_routed: bool = True
 

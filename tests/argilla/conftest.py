@@ -92,3 +92,80 @@ def make_pairs(n: int, prefix: str = "pair", special: dict[int, str] | None = No
 def pair_table():
     """The ``make_pairs`` factory (conftest helpers are not importable across test folders)."""
     return make_pairs
+
+
+def submit_responses(dataset, answers) -> None:
+    """Log responses through the public SDK, as the users they belong to (one bulk upsert).
+
+    ``answers``: (pair_id, user_id, label, rationale, status). Annotators cannot upsert
+    records themselves (an owner/admin right), so the owner logs each response with the
+    annotator's user id: the SDK's documented way to bring annotations in. Call once per
+    round when the order of responses matters (the server orders them by insertion time).
+    """
+    import argilla as rg
+
+    records = {r.id: r for r in dataset.records(with_responses=True, with_suggestions=True)}
+    touched = {}
+    for pair_id, user_id, label, rationale, status in answers:
+        record = records[pair_id]
+        record.responses.add(rg.Response("preference", label, user_id=user_id, status=status))
+        if rationale:
+            record.responses.add(rg.Response("rationale", rationale, user_id=user_id, status=status))
+        touched[pair_id] = record
+    dataset.records.log(list(touched.values()), batch_size=min(500, len(touched)))
+
+
+@pytest.fixture(scope="session")
+def submit():
+    return submit_responses
+
+
+@dataclass
+class Annotator:
+    username: str
+    user_id: object
+    password: str
+    headers: dict  # a bearer token from logging in with the password, as the web UI does
+
+
+def login(url: str, username: str, password: str) -> dict:
+    """Log in with user name and password (argilla-server's /api/v1/token, the UI's login)."""
+    import httpx
+
+    resp = httpx.post(f"{url}/api/v1/token", data={"username": username, "password": password}, timeout=30)
+    resp.raise_for_status()
+    return {"Authorization": f"Bearer {resp.json()['access_token']}"}
+
+
+def pending_for(url: str, headers: dict, dataset_id) -> list[dict]:
+    """An annotator's queue, asked as the web UI asks (the SDK has no annotator-side reads)."""
+    import argilla as rg
+    import httpx
+
+    body = rg.Query(filter=rg.Filter(("response.status", "==", "pending"))).api_model().model_dump(by_alias=True)
+    resp = httpx.post(f"{url}/api/v1/me/datasets/{dataset_id}/records/search", json=body, headers=headers,
+                      params={"limit": 100, "include": ["suggestions"]}, timeout=30)
+    resp.raise_for_status()
+    return [item["record"] for item in resp.json()["items"]]
+
+
+@pytest.fixture(scope="session")
+def make_annotator(argilla_server, tmp_path_factory):
+    """Creates an annotator with prefdata's ``add_user`` and logs it in with its password."""
+    import uuid
+
+    from prefdata.argilla import add_user
+
+    def make(prefix: str = "ann") -> Annotator:
+        owner = argilla_server.client()
+        user = add_user(owner, f"{prefix}-{uuid.uuid4().hex[:6]}", folder=tmp_path_factory.mktemp("passwords"))
+        found = owner.users(username=user.username)
+        return Annotator(user.username, found.id, user.password,
+                         login(argilla_server.url, user.username, user.password))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def annotator_queue(argilla_server):
+    return lambda annotator, dataset_id: pending_for(argilla_server.url, annotator.headers, dataset_id)

@@ -2,46 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
-
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from prefdata.argilla import (ArgillaError, MergeConfig, PullConfig, PushConfig, a_is_chosen, connect,
-                              existing_ids, fetch_annotations, find_dataset, merge, pull, push)
-
-
-def _annotator(owner, server, name: str):
-    import argilla as rg
-
-    user = rg.User(username=name, role="annotator", password="annotator-password-1", client=owner).create()
-    user.add_to_workspace(owner.workspaces("prefdata"))
-    key = owner.http_client.get(f"/api/v1/users/{user.id}").json()["api_key"]
-    return connect(server.url, key), user.id
-
-
-def _respond(client, user_id, record_id, label=None, rationale=None, status="submitted"):
-    from argilla._models import UserResponseModel
-
-    values = None
-    if label is not None:
-        values = {"preference": {"value": label}}
-        if rationale:
-            values["rationale"] = {"value": rationale}
-    client.api.records.create_record_response(
-        record_id=record_id, user_response=UserResponseModel(values=values, status=status, user_id=user_id))
-
-
-def _pending_for(client, dataset_id) -> list[dict]:
-    """The annotator's queue, through the in-process search engine (as the web UI asks)."""
-    import argilla as rg
-
-    body = rg.Query(filter=rg.Filter(("response.status", "==", "pending"))).api_model().model_dump(by_alias=True)
-    resp = client.http_client.post(f"/api/v1/me/datasets/{dataset_id}/records/search", json=body,
-                                   params={"limit": 100})
-    resp.raise_for_status()
-    return [item["record"] for item in resp.json()["items"]]
+from prefdata.argilla import (TRUNCATED_NOTE, ArgillaError, MergeConfig, PullConfig, PushConfig, a_is_chosen,
+                              connect, existing_ids, fetch_annotations, find_dataset, merge, pull, push)
 
 
 def test_push_200_pairs_then_again_creates_nothing(argilla_server, pair_table):
@@ -54,10 +20,10 @@ def test_push_200_pairs_then_again_creates_nothing(argilla_server, pair_table):
     client = argilla_server.client()
     dataset = find_dataset(client, cfg)
     assert existing_ids(client, dataset) == set(pairs.column("pair_id").to_pylist())
-    assert client.api.datasets.get_progress(dataset.id).total == 200
+    assert dataset.progress()["total"] == 200
 
 
-def test_record_layout_and_hidden_order(argilla_server, pair_table):
+def test_record_layout_blind_by_default(argilla_server, pair_table):
     pairs = pair_table(8, prefix="layout")
     push(pairs, PushConfig(dataset="layout"))
     client = argilla_server.client()
@@ -70,14 +36,52 @@ def test_record_layout_and_hidden_order(argilla_server, pair_table):
         a, b = (row["chosen"], row["rejected"]) if a_chosen else (row["rejected"], row["chosen"])
         assert record.fields["response_a"] == a[0]["content"]
         assert record.fields["response_b"] == b[0]["content"]
-        assert record.metadata["a_is"] == ("chosen" if a_chosen else "rejected")
-        assert record.metadata["flip_prob"] == pytest.approx(row["flip_prob"])
-        suggestion = record.suggestions["preference"]
-        assert suggestion.value == ("A" if a_chosen else "B")
-        assert suggestion.score == pytest.approx(1 - row["flip_prob"])
+        metadata = record.metadata.to_dict()
+        assert metadata["a_is"] == ("chosen" if a_chosen else "rejected")
+        assert metadata["ai_choice"] == ("A" if a_chosen else "B")  # the AI verdict, for agreement stats
+        assert metadata["flip_prob"] == pytest.approx(row["flip_prob"])
+        assert list(record.suggestions) == []  # blind: nothing pre-selected
+    question = dataset.settings.questions["preference"]
+    assert "more helpful, honest and harmless" in question.description  # guidelines on screen
+    assert "AI model's opinion" not in dataset.settings.guidelines  # no suggestion, no note about it
 
 
-def test_annotate_as_annotators_then_pull_and_merge(argilla_server, pair_table):
+def test_ai_suggestion_when_asked_is_labelled_and_explained(argilla_server, pair_table):
+    pairs = pair_table(6, prefix="shown")
+    push(pairs, PushConfig(dataset="shown", show_ai_suggestion=True))
+    dataset = find_dataset(argilla_server.client(), PushConfig(dataset="shown"))
+    records = {r.id: r for r in dataset.records(with_suggestions=True)}
+    for row in pairs.to_pylist():
+        suggestion = records[row["pair_id"]].suggestions["preference"]
+        assert suggestion.value == ("A" if a_is_chosen(row["pair_id"], 0) else "B")
+        assert suggestion.score == pytest.approx(round(1 - row["flip_prob"], 2))
+        assert suggestion.agent.startswith("AI model opinion: not a correct answer") and "1 - flip probability" in suggestion.agent
+    assert "the model's confidence" in dataset.settings.guidelines
+    assert "the model's confidence" in dataset.settings.questions["preference"].description
+
+
+def test_truncated_responses_are_marked(argilla_server, pair_table):
+    pairs = pl.from_arrow(pair_table(4, prefix="trunc")).with_columns(
+        finish_reason_chosen=pl.Series(["length", "stop", "stop", None]),
+        finish_reason_rejected=pl.Series(["stop", "length", "stop", "stop"])).to_arrow()
+    push(pairs, PushConfig(dataset="trunc"))
+    push(pair_table(2, prefix="plain"), PushConfig(dataset="plain"))
+    client = argilla_server.client()
+    records = {r.id: r for r in find_dataset(client, PushConfig(dataset="trunc")).records()}
+
+    def marked(pair_id: str, side: str) -> bool:
+        a_chosen = a_is_chosen(pair_id, 0)
+        field = "response_a" if (side == "chosen") == a_chosen else "response_b"
+        return records[pair_id].fields[field].endswith(TRUNCATED_NOTE)
+
+    got = {(p, side): marked(p, side) for p in records for side in ("chosen", "rejected")}
+    assert {k for k, v in got.items() if v} == {("trunc-00000", "chosen"), ("trunc-00001", "rejected")}
+    plain = find_dataset(client, PushConfig(dataset="plain")).records()
+    assert not any(TRUNCATED_NOTE in r.fields["response_a"] + r.fields["response_b"] for r in plain)
+
+
+def test_annotate_as_annotators_then_pull_and_merge(argilla_server, pair_table, submit, make_annotator,
+                                                   annotator_queue):
     pairs = pair_table(8, prefix="annot")
     routed = pl.from_arrow(pairs).with_columns(
         route=pl.when(pl.int_range(pl.len()) < 6).then(pl.lit("human")).otherwise(pl.lit("ai"))).to_arrow()
@@ -85,31 +89,31 @@ def test_annotate_as_annotators_then_pull_and_merge(argilla_server, pair_table):
     assert push(routed, cfg).created == 6  # only the pairs routed to humans
     owner = argilla_server.client()
     dataset = find_dataset(owner, cfg)
-    by_pair = {r["external_id"]: r for r in owner.http_client.get(
-        f"/api/v1/datasets/{dataset.id}/records", params={"limit": 100}).json()["items"]}
-    a1, a1_id = _annotator(owner, argilla_server, f"ann1-{uuid.uuid4().hex[:6]}")
-    a2, a2_id = _annotator(owner, argilla_server, f"ann2-{uuid.uuid4().hex[:6]}")
+    a1, a2 = make_annotator("ann1"), make_annotator("ann2")
 
-    queue = _pending_for(a1, dataset.id)
+    queue = annotator_queue(a1, dataset.id)
     assert len(queue) == 6
-    assert all(not r.get("metadata") for r in queue)  # the A/B order and the AI scores are hidden
+    assert all(not r.get("metadata") for r in queue)  # the A/B order, AI verdict and scores are hidden
+    assert all(not r.get("suggestions") for r in queue)  # blind: no pre-selected answer
 
     def label(pair, agree: bool) -> str:
-        a_is_chosen_ = by_pair[pair]["metadata"]["a_is"] == "chosen"
-        return "A" if a_is_chosen_ == agree else "B"
+        return "A" if a_is_chosen(pair, 0) == agree else "B"
 
-    rid = {p: uuid.UUID(r["id"]) for p, r in by_pair.items()}
-    _respond(a1, a1_id, rid["annot-00000"], label("annot-00000", True), "clearly right")  # agree
-    _respond(a1, a1_id, rid["annot-00001"], label("annot-00001", False), "the other is right")  # flip
-    _respond(a2, a2_id, rid["annot-00001"], label("annot-00001", False))  # flip again
-    _respond(a1, a1_id, rid["annot-00002"], "tie")  # tie
-    _respond(a1, a1_id, rid["annot-00003"], status="discarded")  # discard
-    _respond(a1, a1_id, rid["annot-00004"], label("annot-00004", True))  # a1 agrees first ...
-    _respond(a2, a2_id, rid["annot-00004"], label("annot-00004", False))  # ... a2 flips: a split vote
+    submit(dataset, [
+        ("annot-00000", a1.user_id, label("annot-00000", True), "clearly right", "submitted"),  # agree
+        ("annot-00001", a1.user_id, label("annot-00001", False), "the other is right", "submitted"),  # flip
+        ("annot-00002", a1.user_id, "tie", None, "submitted"),  # tie
+        ("annot-00003", a1.user_id, "A", None, "discarded"),  # discard (with the answer it had)
+        ("annot-00004", a1.user_id, label("annot-00004", True), None, "submitted"),  # a1 agrees first ...
+    ])
+    submit(dataset, [
+        ("annot-00001", a2.user_id, label("annot-00001", False), None, "submitted"),  # flip again
+        ("annot-00004", a2.user_id, label("annot-00004", False), None, "submitted"),  # ... a2 flips: split
+    ])
     # annot-00005 stays unanswered; 00006 and 00007 were never pushed
 
-    assert len(_pending_for(a1, dataset.id)) == 1
-    assert len(_pending_for(a2, dataset.id)) == 4
+    assert len(annotator_queue(a1, dataset.id)) == 1
+    assert len(annotator_queue(a2, dataset.id)) == 4
 
     out = pull(pairs, PullConfig(dataset="annotate"))
     kept = {r["pair_id"]: r for r in out.table.to_pylist()}
@@ -122,7 +126,7 @@ def test_annotate_as_annotators_then_pull_and_merge(argilla_server, pair_table):
     agree = kept["annot-00000"]
     assert (agree["label_source"], agree["human_verdict"], agree["human_agrees_with_ai"]) == ("human", "agree", True)
     assert agree["chosen"] == src["annot-00000"]["chosen"] and agree["annotator_count"] == 1
-    assert agree["human_rationale"] == "clearly right" and agree["annotators"] == [str(a1_id)]
+    assert agree["human_rationale"] == "clearly right" and agree["annotators"] == [a1.username]
 
     flip = kept["annot-00001"]
     assert (flip["label_source"], flip["human_verdict"], flip["human_agrees_with_ai"]) == ("human", "flip", False)
@@ -131,7 +135,7 @@ def test_annotate_as_annotators_then_pull_and_merge(argilla_server, pair_table):
     assert flip["score_chosen"] == src["annot-00001"]["score_rejected"]
     assert flip["margin"] == pytest.approx(-src["annot-00001"]["margin"])
     assert flip["flip_prob"] == pytest.approx(1 - src["annot-00001"]["flip_prob"])
-    assert flip["annotator_count"] == 2 and sorted(flip["annotators"]) == sorted([str(a1_id), str(a2_id)])
+    assert flip["annotator_count"] == 2 and flip["annotators"] == [a1.username, a2.username]
 
     discarded = kept["annot-00003"]
     assert (discarded["label_source"], discarded["human_verdict"], discarded["annotator_count"],
@@ -156,7 +160,7 @@ def test_annotate_as_annotators_then_pull_and_merge(argilla_server, pair_table):
                    ("annot-00004", "agree", "human"), ("annot-00004", "flip", "human")]
 
 
-def test_recipe_steps_push_and_pull(argilla_server, pair_table):
+def test_recipe_steps_push_and_pull(argilla_server, pair_table, submit):
     from prefdata.steps.human import ArgillaPull, ArgillaPush
 
     pairs = pair_table(5, prefix="steps")
@@ -168,13 +172,13 @@ def test_recipe_steps_push_and_pull(argilla_server, pair_table):
 
     owner = argilla_server.client()
     dataset = find_dataset(owner, PushConfig(dataset="steps"))
-    record = owner.http_client.get(f"/api/v1/datasets/{dataset.id}/records", params={"limit": 1}).json()["items"][0]
-    _respond(owner, owner.me.id, uuid.UUID(record["id"]), "tie")
+    submit(dataset, [("steps-00002", owner.me.id, "tie", None, "submitted")])
     after = ArgillaPull(dataset="steps", ties="keep_ai")
     assert after.fingerprint("up") != fp_before  # a new annotation recomputes the merge
     out = after.process(pl.from_arrow(pairs).lazy())
     verdicts = {r["pair_id"]: r["human_verdict"] for r in out.table.to_pylist()}
-    assert verdicts[record["external_id"]] == "tie" and out.table.num_rows == 5
+    assert verdicts["steps-00002"] == "tie" and out.table.num_rows == 5
+    assert {r["pair_id"]: r["annotators"] for r in out.table.to_pylist()}["steps-00002"] == ["owner"]
 
 
 def test_cli_push_pull_and_wrong_key(argilla_server, pair_table, tmp_path, capsys, monkeypatch):

@@ -20,18 +20,18 @@ def pairs() -> pa.Table:
 
 
 def annotations(rows: list[tuple]) -> pa.Table:
-    """rows: (pair_id, a_is, user, status, label, rationale, inserted_at)."""
+    """rows: (pair_id, a_is, user, status, label, rationale, rank)."""
     return pa.Table.from_pylist([dict(zip(ANNOTATIONS.names, r)) for r in rows], schema=ANNOTATIONS)
 
 
 VOTES = annotations([
-    ("x1", "chosen", "u1", "submitted", "A", "A is right", "2025-01-01T00:00:01"),
-    ("x1", "chosen", "u2", "submitted", "B", None, "2025-01-01T00:00:02"),
-    ("x1", "chosen", "u3", "submitted", "A", "", "2025-01-01T00:00:03"),
-    ("x2", "rejected", "u1", "submitted", "A", "B rambles", "2025-01-01T00:00:04"),  # A is the AI's rejected: a flip
-    ("x2", "rejected", "u2", "draft", "B", None, "2025-01-01T00:00:05"),  # drafts do not count
-    ("x3", "chosen", "u1", "submitted", "B", None, "2025-01-01T00:00:06"),
-    ("x3", "chosen", "u2", "submitted", "A", None, "2025-01-01T00:00:07"),
+    ("x1", "chosen", "u1", "submitted", "A", "A is right", 0),
+    ("x1", "chosen", "u2", "submitted", "B", None, 1),
+    ("x1", "chosen", "u3", "submitted", "A", "", 2),
+    ("x2", "rejected", "u1", "submitted", "A", "B rambles", 3),  # A is the AI's rejected: a flip
+    ("x2", "rejected", "u2", "draft", "B", None, 4),  # drafts do not count
+    ("x3", "chosen", "u1", "submitted", "B", None, 5),
+    ("x3", "chosen", "u2", "submitted", "A", None, 6),
     ("x4", "rejected", None, None, None, None, None),  # pushed, no response yet
 ])
 
@@ -91,13 +91,13 @@ def test_pulling_into_a_merged_table_is_idempotent():
 
 
 def test_pairs_never_pushed_are_left_alone():
-    out = merge(pairs(), annotations([("x1", "chosen", "u1", "discarded", None, None, "2025-01-01")]))
+    out = merge(pairs(), annotations([("x1", "chosen", "u1", "discarded", None, None, 0)]))
     rows = by_pair(out.table)
     assert rows["x1"][0]["discarded_count"] == 1 and rows["x1"][0]["human_verdict"] is None
     assert rows["x2"][0]["label_source"] == "ai" and out.counts["unanswered"] == 1
 
 
 def test_fingerprint_follows_the_labels():
-    changed = annotations([("x1", "chosen", "u1", "submitted", "B", None, "2025-01-01T00:00:01")])
+    changed = annotations([("x1", "chosen", "u1", "submitted", "B", None, 0)])
     assert annotations_fingerprint(VOTES) == annotations_fingerprint(VOTES)
     assert annotations_fingerprint(VOTES) != annotations_fingerprint(changed)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
@@ -35,10 +34,8 @@ def steps(path):
             ArgillaPush(dataset="recipe", batch_size=3), ArgillaPull(dataset="recipe")]
 
 
-def test_pipeline_pushes_once_and_pulls_when_labels_change(argilla_server, pair_table, tmp_path):
-    from argilla._models import UserResponseModel
-
-    from prefdata.argilla import PushConfig, find_dataset
+def test_pipeline_pushes_once_and_pulls_when_labels_change(argilla_server, pair_table, tmp_path, submit):
+    from prefdata.argilla import PushConfig, a_is_chosen, find_dataset
 
     src = tmp_path / "pairs.parquet"
     pq.write_table(pair_table(10, prefix="recipe"), src)
@@ -53,13 +50,8 @@ def test_pipeline_pushes_once_and_pulls_when_labels_change(argilla_server, pair_
 
     owner = argilla_server.client()
     dataset = find_dataset(owner, PushConfig(dataset="recipe"))
-    items = owner.http_client.get(f"/api/v1/datasets/{dataset.id}/records", params={"limit": 10}).json()["items"]
-    target = next(r for r in items if r["external_id"] == "recipe-00009")
-    flip = "B" if target["metadata"]["a_is"] == "chosen" else "A"
-    owner.api.records.create_record_response(
-        record_id=uuid.UUID(target["id"]),
-        user_response=UserResponseModel(values={"preference": {"value": flip}}, status="submitted",
-                                        user_id=owner.me.id))
+    flip = "B" if a_is_chosen("recipe-00009", 0) else "A"
+    submit(dataset, [("recipe-00009", owner.me.id, flip, None, "submitted")])
 
     second = Pipeline(steps(src), workdir=tmp_path / "work", output=tmp_path / "out.parquet", shard_size=4,
                       progress=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 
 import pytest
 
@@ -21,28 +20,20 @@ def _found(dataset, query) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def search_dataset(argilla_server, pair_table):
+def search_dataset(argilla_server, pair_table, submit):
     import argilla as rg
 
     from prefdata.argilla import connect
 
     pairs = pair_table(20, prefix="search", special=SPECIAL)
-    push(pairs, PushConfig(dataset="search", batch_size=7))
+    push(pairs, PushConfig(dataset="search", batch_size=7, show_ai_suggestion=True))
     client = connect(argilla_server.url, argilla_server.api_key)
     dataset = find_dataset(client, PushConfig(dataset="search"))
-    by_pair = {r["external_id"]: r for r in client.http_client.get(
-        f"/api/v1/datasets/{dataset.id}/records", params={"limit": 100}).json()["items"]}
-    from argilla._models import UserResponseModel
-
+    by_pair = {r.id: {"metadata": r.metadata.to_dict()} for r in dataset.records(with_responses=False)}
     me = client.me.id
     answers = {"search-00001": "A", "search-00003": "B", "search-00004": "A"}
-    for pair, label in answers.items():
-        client.api.records.create_record_response(
-            record_id=uuid.UUID(by_pair[pair]["id"]),
-            user_response=UserResponseModel(values={"preference": {"value": label}}, status="submitted", user_id=me))
-    client.api.records.create_record_response(
-        record_id=uuid.UUID(by_pair["search-00006"]["id"]),
-        user_response=UserResponseModel(values=None, status="discarded", user_id=me))
+    submit(dataset, [(pair, me, label, None, "submitted") for pair, label in answers.items()]
+           + [("search-00006", me, None, None, "discarded")])
     return rg, client, dataset, pairs, by_pair, answers
 
 
@@ -89,8 +80,8 @@ def test_sort_metrics_and_progress(search_dataset):
     metrics = client.http_client.get(f"/api/v1/metadata-properties/{flip.id}/metrics").json()
     assert (metrics["min"], metrics["max"]) == (0.0, pytest.approx(0.9))
 
-    progress = client.api.datasets.get_progress(dataset.id)
-    assert (progress.total, progress.completed, progress.pending) == (20, 3, 17)
+    progress = dataset.progress()
+    assert (progress["total"], progress["completed"], progress["pending"]) == (20, 3, 17)
 
 
 def test_similarity_search(argilla_server):
@@ -120,30 +111,25 @@ def test_similarity_search(argilla_server):
     assert terms["total"] == 3 and {v["term"]: v["count"] for v in terms["values"]} == {"right": 2, "left": 1}
 
 
-def test_worker_job_updates_the_shared_index(argilla_server, pair_table):
+def test_worker_job_updates_the_shared_index(argilla_server, pair_table, submit):
     """A distribution change runs argilla's rq job in the worker process; its index writes must
     reach the server process (the index is a shared SQLite file, not per-process memory)."""
     import time
 
     import argilla as rg
-    from argilla._models import UserResponseModel
 
     from prefdata.argilla import connect
 
     push(pair_table(3, prefix="worker"), PushConfig(dataset="worker", min_submitted=2))
     client = connect(argilla_server.url, argilla_server.api_key)
     dataset = find_dataset(client, PushConfig(dataset="worker"))
-    item = client.http_client.get(f"/api/v1/datasets/{dataset.id}/records", params={"limit": 1}).json()["items"][0]
-    client.api.records.create_record_response(
-        record_id=uuid.UUID(item["id"]),
-        user_response=UserResponseModel(values={"preference": {"value": "A"}}, status="submitted",
-                                        user_id=client.me.id))
+    submit(dataset, [("worker-00000", client.me.id, "A", None, "submitted")])
     completed = rg.Query(filter=rg.Filter(("status", "==", "completed")))
     assert _found(dataset, completed) == set()  # 1 of 2 responses
 
     dataset.settings.distribution = rg.TaskDistribution(min_submitted=1)
     dataset.update()
     deadline = time.monotonic() + 60
-    while _found(dataset, completed) != {item["external_id"]}:
+    while _found(dataset, completed) != {"worker-00000"}:
         assert time.monotonic() < deadline, "the rq worker did not update the record status"
         time.sleep(0.5)
