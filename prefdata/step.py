@@ -42,6 +42,10 @@ class Output:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+# Config fields of a model-holding step that ``models()`` carries, resolved, into the fingerprint.
+MODEL_SETTINGS = ("backend", "device", "dtype")
+
+
 class Step:
     """Base of every step. Subclasses set ``name``, ``Config`` and the column methods."""
 
@@ -104,13 +108,22 @@ class Step:
         return out
 
     def fingerprint_parts(self, upstream: str = "") -> dict:
-        """Everything the fingerprint hashes, for dry-run reasons and debugging."""
+        """Everything the fingerprint hashes, for dry-run reasons and debugging.
+
+        The config's model settings (``MODEL_SETTINGS``) enter through the resolved model
+        identities only, so ``device: auto`` and ``device: cpu`` are one computation on a
+        CPU machine, and the same ``auto`` is another one on a GPU machine.
+        """
+        models = self.model_identities()
+        config = canonical(self.config)
+        if models and isinstance(config, dict):
+            config = {k: v for k, v in config.items() if k not in MODEL_SETTINGS}
         return {
             "name": self.name,
             "version": self.version,
-            "config": canonical(self.config),
+            "config": config,
             "extra": canonical(self.fingerprint_extra()),
-            "models": self.model_identities(),
+            "models": models,
             "upstream": upstream,
         }
 

@@ -45,10 +45,44 @@ def smollm2_gguf_path() -> Path:
 
 
 def resolve(name: str) -> str:
-    """Turn a model name into something ``from_pretrained`` takes (a local dir or Hub id)."""
+    """Turn a model name into something ``from_pretrained`` takes (a local dir or Hub id).
+
+    ``org/model@revision`` (a branch, tag or commit) resolves to that snapshot's folder in
+    the Hugging Face cache, downloaded when missing (offline: the cache only).
+    """
     if name.lower() == SMOLLM2:
         return str(_smollm2_safetensors())
-    return name
+    repo, revision = split_revision(name)
+    if revision is None:
+        return name
+    return _snapshot(repo, revision)
+
+
+def split_revision(name: str, revision: str | None = None) -> tuple[str, str | None]:
+    """``org/model@rev`` → (``org/model``, ``rev``); an explicit ``revision`` wins."""
+    if "@" in name and not Path(name).exists():
+        base, _, rev = name.rpartition("@")
+        if base and rev and "/" not in rev:
+            return base, revision or rev
+    return name, revision
+
+
+SNAPSHOT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def _snapshot(repo: str, revision: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return snapshot_download(repo, revision=revision, allow_patterns=SNAPSHOT_FILES,
+                                 local_files_only=offline)
+    except Exception as exc:  # network, not found, gated, offline miss: one clear message
+        raise ValueError(
+            f"model '{repo}' at revision '{revision}' cannot be loaded ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); check the id and revision, log in "
+            "for a gated model, or download it once online"
+        ) from None
 
 
 def _smollm2_safetensors() -> Path:

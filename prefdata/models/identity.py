@@ -102,7 +102,7 @@ def model_identity_digest(name: str, revision: str | None = None) -> str:
 
 def weights_identity(name: str, revision: str | None = None) -> dict:
     """Which weights ``name`` means: embedded package, local content hash or Hub commit."""
-    name, revision = split_revision(name, revision)
+    name, revision = hub.split_revision(name, revision)
     if name.lower() == hub.SMOLLM2:
         return _memo(("embedded", name.lower()), _embedded_identity)
     path = Path(name).expanduser()
@@ -114,15 +114,6 @@ def weights_identity(name: str, revision: str | None = None) -> dict:
             "check the path (relative paths are read from the current directory)"
         )
     return _memo(("hub", name, revision), lambda: {"hub": name, "commit": hub_commit(name, revision)})
-
-
-def split_revision(name: str, revision: str | None = None) -> tuple[str, str | None]:
-    """``org/model@rev`` → (``org/model``, ``rev``); an explicit ``revision`` wins."""
-    if "@" in name and not Path(name).exists():
-        base, _, rev = name.rpartition("@")
-        if base and rev and "/" not in rev:
-            return base, revision or rev
-    return name, revision
 
 
 def clear_memo() -> None:
@@ -142,9 +133,11 @@ def _device_kind(device: str, backend: str) -> str:
     """``cpu``, ``cuda`` or ``mps``: the kind decides the numbers, not the GPU's index."""
     if backend == "vllm":
         return "cuda"
-    from prefdata.models.transformers_backend import resolve_device
+    if device == "auto":  # as transformers_backend.resolve_device, without importing transformers
+        import torch
 
-    return resolve_device(device).split(":")[0]
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device.split(":")[0]
 
 
 def _resolve_dtype(ref: ModelRef, backend: str, device: str) -> str:
@@ -170,7 +163,7 @@ def _vllm_auto_dtype(ref: ModelRef) -> str:
 
 
 def _local_config(name: str, revision: str | None) -> dict:
-    name, revision = split_revision(name, revision)
+    name, revision = hub.split_revision(name, revision)
     folder = Path(hub.resolve(name)) if name.lower() == hub.SMOLLM2 or Path(name).exists() else None
     if folder is None:
         commit = weights_identity(name, revision)["commit"]
