@@ -76,3 +76,105 @@ def test_output_replaces_stale_columns_and_bad_configs():
         Ensemble(members=["score_rm", "score_cdr"], standardize="rank")
     with pytest.raises(ValueError, match=r"column\(s\) \['score_x'\] are not in the table"):
         run(members=["score_rm", "score_x"])
+
+
+# -- Wang et al. 2024: u = log σ(r − r_ref(x)), combined by sum ---------------------------------
+def _logsigmoid(d):
+    return -np.log1p(np.exp(-d))
+
+
+def test_logsigmoid_centered_on_prompt_quantile_is_the_papers_formula():
+    got, _ = run(members=["score_rm", "score_cdr"], standardize="none", transform="logsigmoid_centered",
+                 reference="quantile:0.85", combine="sum", name="t")
+    expected = np.zeros(5)
+    for m in ("score_rm", "score_cdr"):
+        r = np.array(TABLE[m])
+        ref = np.array([np.quantile(r[[k for k in range(5) if TABLE["prompt_id"][k] == p]], 0.85)
+                        for p in TABLE["prompt_id"]])  # the prompt's own responses, linear interpolation
+        expected += _logsigmoid(r - ref)
+    np.testing.assert_allclose(got["score_t"], expected, atol=1e-12)
+    assert max(got["score_t"]) < 0  # log σ(.) < 0: a sum of log-probabilities of "good enough"
+
+
+def test_logsigmoid_centered_on_reference_columns_standardised_like_the_member():
+    table = dict(TABLE, ref_rm=[2.0, 2.0, 2.0, 12.0, 12.0], ref_cdr=[0.0, 0.0, 0.0, 5.0, 5.0])
+    ref = {"score_rm": "ref_rm", "score_cdr": "ref_cdr"}
+    raw, _ = run(table, members=["score_rm", "score_cdr"], standardize="none", transform="logsigmoid_centered",
+                 reference=ref, combine="sum")
+    expected = sum(_logsigmoid(np.array(TABLE[m]) - np.array(table[c])) for m, c in ref.items())
+    np.testing.assert_allclose(raw["score_ensemble"], expected, atol=1e-12)
+    glob, _ = run(table, members=["score_rm", "score_cdr"], transform="logsigmoid_centered", reference=ref,
+                  combine="mean")
+    parts = []
+    for m, c in ref.items():
+        x, r = np.array(TABLE[m]), np.array(table[c])
+        parts.append(_logsigmoid((x - x.mean()) / x.std() - (r - x.mean()) / x.std()))
+    np.testing.assert_allclose(glob["score_ensemble"], np.mean(parts, axis=0), atol=1e-12)
+    # far beyond the reference the transform saturates at 0; far below it stays finite and linear
+    big, _ = run({"prompt_id": ["a", "a"], "score_a": [1e4, -1e4], "score_b": [0.0, 0.0], "r": [0.0, 0.0],
+                  "s": [0.0, 0.0]}, members=["score_a", "score_b"], standardize="none",
+                 transform="logsigmoid_centered", reference={"score_a": "r", "score_b": "s"}, combine="sum")
+    np.testing.assert_allclose(big["score_ensemble"], [_logsigmoid(0.0), -1e4 + _logsigmoid(0.0)], rtol=1e-12)
+
+
+# -- λ-Harmonic: H = 1 / (λ/a + (1 − λ)/b) -------------------------------------------------------
+POSITIVE = {"prompt_id": ["a", "a", "b", "b"], "score_h": [0.2, 0.9, 0.5, 1.0], "score_s": [0.8, 0.1, 0.5, 0.25],
+            "score_t": [0.3, 0.6, 0.9, 0.4]}
+
+
+def test_lambda_harmonic_is_the_weighted_harmonic_mean():
+    lam = 0.3
+    got, _ = run(POSITIVE, members=["score_h", "score_s"], standardize="none", combine="harmonic",
+                 harmonic_lambda=lam, name="hm")
+    a, b = np.array(POSITIVE["score_h"]), np.array(POSITIVE["score_s"])
+    np.testing.assert_allclose(got["score_hm"], 1.0 / (lam / a + (1 - lam) / b), rtol=1e-12)
+    w = [0.5, 0.2, 0.3]
+    three, _ = run(POSITIVE, members=["score_h", "score_s", "score_t"], standardize="none", combine="harmonic",
+                   weights=w)
+    v = np.stack([POSITIVE[m] for m in ("score_h", "score_s", "score_t")])
+    np.testing.assert_allclose(three["score_ensemble"], 1.0 / (np.array(w)[:, None] / v).sum(0), rtol=1e-12)
+    # harmonic <= arithmetic: a response poor on one aspect cannot buy it back on another
+    assert all(h <= (lam * x + (1 - lam) * y) + 1e-12 for h, x, y in zip(got["score_hm"], a, b))
+
+
+def test_harmonic_rescaling_minmax_and_sigmoid():
+    got, _ = run(members=["score_rm", "score_cdr"], standardize="prompt", combine="harmonic", rescale="minmax",
+                 harmonic_lambda=0.5)
+    def minmax(values):
+        x, out = np.array(values), np.zeros(5)
+        for p in ("a", "b"):
+            idx = [k for k in range(5) if TABLE["prompt_id"][k] == p]
+            out[idx] = (x[idx] - x[idx].min()) / (x[idx].max() - x[idx].min())
+        return out
+    a, b = minmax(TABLE["score_rm"]), minmax(TABLE["score_cdr"])
+    with np.errstate(divide="ignore"):
+        expected = np.nan_to_num(1.0 / (0.5 / a + 0.5 / b), nan=0.0)  # a member at 0 gives 0 (the limit)
+    np.testing.assert_allclose(got["score_ensemble"], expected, atol=1e-12)
+    assert got["score_ensemble"][0] == 0.0
+    sig, _ = run(members=["score_rm", "score_cdr"], combine="harmonic", rescale="sigmoid", harmonic_lambda=0.25)
+    za, zb = 1 / (1 + np.exp(-z(TABLE["score_rm"]))), 1 / (1 + np.exp(-z(TABLE["score_cdr"])))
+    np.testing.assert_allclose(sig["score_ensemble"], 1.0 / (0.25 / za + 0.75 / zb), rtol=1e-12)
+
+
+def test_bad_harmonic_and_transform_options_name_step_and_option():
+    for lam in (0.0, 1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"score_ensemble: .*'harmonic_lambda' must be in \(0, 1\)"):
+            Ensemble(members=["score_a", "score_b"], combine="harmonic", rescale="sigmoid", harmonic_lambda=lam)
+    with pytest.raises(ValueError, match=r"'weights' must each be in \(0, 1\) and sum to 1"):
+        Ensemble(members=["score_a", "score_b"], combine="harmonic", rescale="sigmoid", weights=[0.5, 0.6])
+    with pytest.raises(ValueError, match="rescale none needs standardize none"):
+        Ensemble(members=["score_a", "score_b"], combine="harmonic")
+    with pytest.raises(ValueError, match=r"score_ensemble: combine harmonic with rescale none needs scores > 0, "
+                                         r"but score_cdr: 3 value\(s\), first at row 0"):
+        run(members=["score_rm", "score_cdr"], standardize="none", combine="harmonic")
+    with pytest.raises(ValueError, match="needs option 'reference'"):
+        Ensemble(members=["score_a", "score_b"], transform="logsigmoid_centered")
+    with pytest.raises(ValueError, match="one column .* cannot be the reference of every member"):
+        Ensemble(members=["score_a", "score_b"], transform="logsigmoid_centered", reference="ref")
+    with pytest.raises(ValueError, match=r"'quantile:1.5' is not 'quantile:<q>' with q in \[0, 1\]"):
+        Ensemble(members=["score_a", "score_b"], transform="logsigmoid_centered", reference="quantile:1.5")
+    with pytest.raises(ValueError, match=r"column\(s\) \['ref_rm'\] are not in the table.*option 'reference'"):
+        run(members=["score_rm", "score_cdr"], transform="logsigmoid_centered",
+            reference={"score_rm": "ref_rm", "score_cdr": "quantile:0.5"})
+    with pytest.raises(ValueError, match="only apply to combine: harmonic"):
+        Ensemble(members=["score_a", "score_b"], harmonic_lambda=0.5)
