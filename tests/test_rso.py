@@ -1,0 +1,69 @@
+"""RSO (Liu et al. 2024): accepted samples follow π_sft·exp(r/β), by the paper's Algorithm 1."""
+
+import numpy as np
+import pytest
+
+from prefdata.rso import rso_accept, rso_pairs
+
+P_SFT = np.array([0.35, 0.25, 0.2, 0.15, 0.05])
+REWARD = np.array([-1.0, 0.0, 0.5, 1.5, 2.0])
+CHI2_999 = {4: 18.467}  # upper 0.1% point of χ² with 4 degrees of freedom
+
+
+def chi2(counts: np.ndarray, probs: np.ndarray) -> float:
+    expected = counts.sum() * probs
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def accepted_counts(beta: float, trials: int, n: int = 64, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    counts = np.zeros(len(P_SFT))
+    for _ in range(trials):
+        y = rng.choice(len(P_SFT), size=n, p=P_SFT)  # N samples from π_sft
+        counts[y[rso_accept(REWARD[y], 1, beta, rng)]] += 1
+    return counts
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0, 3.0])
+def test_accepted_samples_follow_the_optimal_policy(beta):
+    counts = accepted_counts(beta, trials=8_000)
+    target = P_SFT * np.exp(REWARD / beta)
+    target /= target.sum()
+    # within sampling error: χ² of 8k draws against π* below its 0.1% point (4 dof) …
+    assert chi2(counts, target) < CHI2_999[4]
+    # … and each share within 4 binomial standard errors
+    share = counts / counts.sum()
+    assert np.all(np.abs(share - target) < 4 * np.sqrt(target * (1 - target) / counts.sum()))
+    # the test can fail: the same draws are far from π_sft itself
+    assert chi2(counts, P_SFT) > 10 * CHI2_999[4]
+
+
+def test_without_replacement_until_enough_are_accepted():
+    rng = np.random.default_rng(1)
+    rewards = np.array([0.0, -50.0, -60.0, -70.0])  # three candidates almost never pass a round
+    got = rso_accept(rewards, 4, beta=1.0, rng=rng)
+    assert sorted(got.tolist()) == [0, 1, 2, 3] and got[0] == 0  # each round's envelope is accepted
+    assert len(rso_accept(rewards, 10, beta=1.0, rng=rng)) == 4  # never more than the candidates
+    assert len(set(rso_accept(np.zeros(8), 5, 1.0, rng).tolist())) == 5
+    # a large β accepts nearly everything in the first round, in visit order
+    assert rso_accept(np.array([0.0, 0.1, 0.2]), 2, beta=1e9, rng=rng).tolist() == [0, 1]
+
+
+def test_pairs_consecutive_accepted_higher_chosen_and_seeded_per_prompt():
+    s = np.array([1.0, 2.0, 3.0, 4.0, 0.5, 0.5, 0.7])
+    r = np.arange(7, dtype=np.uint64)[::-1].copy()
+    t = np.arange(7)
+    head, end = np.array([0, 4]), np.array([4, 7])
+    c, j = rso_pairs(s, r, t, head, end, np.array([11, 12], np.uint64), beta=100.0, pairs_per_prompt=2, seed=0)
+    assert np.all(s[c] > s[j]) and len(c) >= 2
+    assert set(c[:2].tolist()) | set(j[:2].tolist()) == {0, 1, 2, 3}  # prompt 1: all four, in two pairs
+    again = rso_pairs(s, r, t, head, end, np.array([11, 12], np.uint64), beta=100.0, pairs_per_prompt=2, seed=0)
+    assert [a.tolist() for a in again] == [c.tolist(), j.tolist()]
+    alone = rso_pairs(s[:4], r[:4], t[:4], head[:1], end[:1], np.array([11], np.uint64), 100.0, 2, 0)
+    assert [a.tolist() for a in alone] == [c[:2].tolist(), j[:2].tolist()]  # other prompts change nothing
+
+
+def test_beta_must_be_positive():
+    for beta in (0.0, -1.0):
+        with pytest.raises(ValueError, match=r"'rso_beta' .* must be > 0"):
+            rso_accept(np.zeros(3), 1, beta, np.random.default_rng(0))
