@@ -4,7 +4,9 @@ Ours: ``import_pairs`` (pyarrow's multi-threaded JSON parser, a tight split loop
 Arrow arrays built column-wise). Baseline: ``datasets.load_dataset("json")`` followed by
 the same conversion with ``Dataset.map(batched=True, num_proc=1)`` and ``to_parquet``.
 Both read the same synthetic file (multi-turn transcripts, one pair per prompt) in one
-run and must give the same rows; the ratio is printed last.
+run and must give the same rows. Each side runs in its own child process, so its peak
+resident memory (``ru_maxrss``) is its own; the load average is printed with the figures
+(the machine is shared) and the time ratio is printed last.
 
     python benchmarks/bench_import.py            # 500k pairs
     python benchmarks/bench_import.py --n 200000
@@ -15,7 +17,10 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import random
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,10 +100,29 @@ def baseline(src: Path, dst: Path, cache: Path) -> int:
     return ds.num_rows
 
 
+def child(side: str, src: Path, dst: Path) -> None:
+    """Run one side in this (child) process; print its seconds, rows and peak RSS as JSON."""
+    t = time.perf_counter()
+    rows = ours(src, dst) if side == "ours" else baseline(src, dst, dst.parent / "hf_cache")
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    print(json.dumps({"seconds": seconds, "rows": rows, "peak_mib": peak}))
+
+
+def run_side(side: str, src: Path, dst: Path) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", side, str(src), str(dst)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=500_000, help="number of transcript pairs")
+    ap.add_argument("--child", nargs=3, metavar=("SIDE", "SRC", "DST"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        child(args.child[0], Path(args.child[1]), Path(args.child[2]))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         src = tmp / "hh.jsonl.gz"
@@ -106,22 +130,18 @@ def main() -> None:
         make_file(src, args.n)
         print(f"pairs: {args.n:,}  file: {src.stat().st_size / 1e6:.1f} MB gzip  "
               f"(written in {time.perf_counter() - t:.1f}s)", flush=True)
-
-        t = time.perf_counter()
-        rows_ours = ours(src, tmp / "ours.parquet")
-        t_ours = time.perf_counter() - t
-        print(f"ours (import_pairs):                      {t_ours:8.1f}s  {rows_ours:,} response rows", flush=True)
-
-        t = time.perf_counter()
-        rows_base = baseline(src, tmp / "base.parquet", tmp / "hf_cache")
-        t_base = time.perf_counter() - t
-        print(f"datasets.load_dataset('json') + Dataset.map: {t_base:5.1f}s  {rows_base:,} response rows", flush=True)
-
-        a = pq.read_table(tmp / "ours.parquet", columns=["response_id", "response"])
-        b = pq.read_table(tmp / "base.parquet", columns=["response_id", "response"])
-        same = a.num_rows == b.num_rows and sorted(a["response_id"].to_pylist()) == sorted(b["response_id"].to_pylist())
+        a = run_side("ours", src, tmp / "ours.parquet")
+        print(f"ours (import_pairs):                         {a['seconds']:6.1f}s  peak RSS {a['peak_mib']:6.0f} MiB"
+              f"  {a['rows']:,} response rows  ({a['seconds'] / args.n * 1e6:.1f}s per 1M pairs)", flush=True)
+        b = run_side("baseline", src, tmp / "base.parquet")
+        print(f"datasets.load_dataset('json') + Dataset.map: {b['seconds']:6.1f}s  peak RSS {b['peak_mib']:6.0f} MiB"
+              f"  {b['rows']:,} response rows", flush=True)
+        x = pq.read_table(tmp / "ours.parquet", columns=["response_id", "response"])
+        y = pq.read_table(tmp / "base.parquet", columns=["response_id", "response"])
+        same = x.num_rows == y.num_rows and sorted(x["response_id"].to_pylist()) == sorted(y["response_id"].to_pylist())
         print(f"same response ids: {same}")
-        print(f"ratio (baseline / ours): {t_base / t_ours:.1f}x")
+        print(f"load average: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        print(f"ratio (baseline / ours): {b['seconds'] / a['seconds']:.1f}x")
 
 
 if __name__ == "__main__":
