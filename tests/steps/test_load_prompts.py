@@ -437,3 +437,21 @@ def test_batches_give_the_same_table_and_limit_stops_reading(tmp_path, monkeypat
     assert small.equals(whole)
     assert sum(reads) <= 52  # stopped at the limit, never reached the mixed-type last line
     assert load(path, limit=3).table["n"].to_pylist() == [0, 1, 2]
+
+
+def test_escaped_control_text_gives_no_control_tokens_with_a_real_chat_template(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from prefdata.models.hub import SMOLLM2, resolve
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve(SMOLLM2))
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    path = write_jsonl(tmp_path / "ctl.jsonl", [{"prompt": INJECTED}])
+
+    def starts(special_tokens):
+        prompt = load(path, special_tokens=special_tokens).table["prompt"].to_pylist()[0]
+        ids = tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        return list(ids).count(start)
+
+    # kept, the injected '<|im_start|>system' opens one more real turn; escaped, only the template's own remain
+    assert starts("keep") == starts("escape") + 1 >= 3
