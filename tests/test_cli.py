@@ -138,3 +138,10 @@ def test_verbose_before_train_configures_logging(capsys, tmp_path, monkeypatch):
     assert "missing.parquet" in err and "unrecognized arguments" not in err
     assert "prefdata train: error: prefdata train:" not in err
     assert root.level == logging.DEBUG and root.handlers  # configured like run, -v honoured
+
+
+def test_train_errors_have_one_prefix(capsys, tmp_path):
+    rc = main(["train", "--data", str(tmp_path / "p.parquet"), "--model", "m", "--output", str(tmp_path / "o"),
+               "--set", "lr=abc"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err == "prefdata train: error: command line: option 'lr': expected a number, got 'abc'"

@@ -374,3 +374,86 @@ def test_step_that_is_not_prompt_local_is_recomputed_per_shard(prompts, tmp_path
     pipe.run()
     assert CALLS["expand.prompts"] == 3 and CALLS["shard_mean.process"] == 3
     assert pipe.prompt_store(3) is None and not (tmp_path / "w" / "_prompts" / "shard_mean").exists()
+
+
+# -- the run summary ---------------------------------------------------------------------
+class Epsilon(GlobalStep):
+    """A global step with metadata, as noise records ε."""
+
+    name = "eps"
+
+    def process(self, frame):
+        self.metadata = {"epsilon": 0.123456, "epsilon_stderr": 0.01, "epsilon_estimator": "confident_sign",
+                         "per_member": {"a": 1}}
+        return frame
+
+
+def test_summary_names_repeated_steps_shows_metadata_and_rows_read(prompts, tmp_path):
+    steps = [LimitedRead(path=str(prompts), limit=4), Expand(), Score(scale=1.0), Score(scale=2.0), Epsilon()]
+    # two steps of one name must not share a column: the second writes into the same column name,
+    # which is fine for the summary test (it checks names and notes)
+    pipe = Pipeline(steps, workdir=tmp_path / "w", shard_size=2, progress=False, card=False)
+    pipe.run()
+    text = pipe.summary_text()
+    lines = {line.split()[0]: line for line in text.splitlines()[2:]}
+    assert list(lines) == ["read_limited", "expand", "score[1]", "score[2]", "eps"]
+    assert lines["score[1]"].split()[1] != lines["score[2]"].split()[1]  # their own fingerprints
+    assert "epsilon=0.1235, epsilon_stderr=0.01, epsilon_estimator=confident_sign" in lines["eps"]
+    assert "per_member" not in lines["eps"]
+    assert [s.label for s in pipe.stats] == ["read_limited", "expand", "score[1]", "score[2]", "eps"]
+    summary = pipe.summary()
+    assert [s["label"] for s in summary["steps"]][2:4] == ["score[1]", "score[2]"]
+    assert lines["read_limited"].split()[2] == "4" and "limit=4" in lines["read_limited"]
+
+
+def test_no_progress_silences_library_bars(prompts, tmp_path, monkeypatch):
+    from prefdata.executors.worker import PROGRESS_ENV
+
+    for key in PROGRESS_ENV:
+        monkeypatch.delenv(key, raising=False)
+    import transformers.utils.logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    try:
+        make(prompts, tmp_path).run()
+        assert hf_logging.is_progress_bar_enabled() is False
+        import os
+
+        assert all(os.environ.get(k) == v for k, v in PROGRESS_ENV.items())
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+# -- prompt-level reuse with the real sample step on a real (tiny) model --------------------
+def test_real_sample_reuse_matches_a_fresh_run(tmp_path, tiny_llama):
+    import json
+
+    from prefdata.executors import LocalExecutor
+    from prefdata.steps.load_prompts import LoadPrompts
+    from prefdata.steps.sample import Sample
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Tell me about the number {i}."}) + "\n" for i in range(6)))
+
+    def run(workdir, limit, shard_size=2):
+        steps = [LoadPrompts(path=str(data), limit=limit),
+                 Sample(model=tiny_llama, n=2, max_new_tokens=4, backend="transformers", device="cpu",
+                        dtype="float32", batch_size=3),
+                 Score()]
+        pipe = Pipeline(steps, workdir=workdir, shard_size=shard_size, progress=False, card=False,
+                        executor=LocalExecutor(in_process=True))
+        out = pipe.run()
+        sample = shards.read_shards(sorted(pipe.step_dirs()[1].glob("shard-*.parquet")))
+        return pipe.stats[1].counts, sample, out
+
+    counts, small, _ = run(tmp_path / "a", limit=3)
+    assert counts["prompts_computed"] == 3
+    counts, grown, out = run(tmp_path / "a", limit=6)
+    assert counts["prompts_computed"] == 3 and counts["prompts_reused"] == 3  # only the new prompts sampled
+    assert pl.from_arrow(grown).head(small.num_rows).equals(pl.from_arrow(small))  # the first 3 prompts unchanged
+    _, fresh, fresh_out = run(tmp_path / "b", limit=6)  # nothing reused
+    assert pl.from_arrow(grown).equals(pl.from_arrow(fresh))  # reuse gives what a fresh run gives
+    assert out.equals(fresh_out)
+    counts, relaid, _ = run(tmp_path / "a", limit=6, shard_size=4)
+    assert counts.get("prompts_computed", 0) == 0  # another layout computes nothing
+    assert pl.from_arrow(relaid).equals(pl.from_arrow(grown))

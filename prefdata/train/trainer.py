@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
         values.update({k: getattr(args, k) for k in ("data", "model", "loss", "output")
                        if getattr(args, k) is not None})
         values.update(parse_set(args.set))
-        cfg = config_from(values, where=args.config or "prefdata train")
+        cfg = config_from(values, where=args.config or "command line")
         train(cfg, resume=args.resume, overwrite=args.overwrite)
     except (DataError, ValueError, TypeError, FileNotFoundError) as exc:
         if args.verbose:
