@@ -117,8 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed, with sizes; remove nothing")
     gc.set_defaults(func=cmd_gc)
 
-    card = sub.add_parser("card", help="(re)write the dataset card and plots of an output folder")
-    card.add_argument("outdir")
+    card = sub.add_parser("card", help="(re)write the dataset card and plots of an output folder or parquet file")
+    card.add_argument("outdir", help="an output folder, or a folder or .parquet file without a run summary "
+                                     "(e.g. a pulled or exported file): the card then describes the data alone")
     card.set_defaults(func=cmd_card)
 
     hub = sub.add_parser("push-to-hub", help="upload an output folder as a Hub dataset (token from HF_TOKEN)")
