@@ -29,7 +29,7 @@ GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("PREFDATA_UPDATE_GOLDEN", "").strip() not in ("", "0")
 TOLERANCE = 1e-4
 MODULES = {"sample": "sample", "score_cdr": "cdr", "score_rm": "reward", "judge_rubric": "judge",
-           "judge_pairwise": "judge", "rationale": "rationale", "ches": "ches"}
+           "judge_pairwise": "judge", "rationale": "rationale", "ches": "ches", "score_flr": "flr"}
 
 PROMPTS = ["Name a fruit.", "How many legs does a spider have?"]
 RESPONSES = [["An apple.", "Carrots are vegetables."], ["Eight legs.", "Six, I think."]]
@@ -77,6 +77,7 @@ CASES = {
     "rationale": (dict(model="tiny-lm", max_new_tokens=16, retries=1, backend="transformers",
                        device="cpu"), pairs),
     "ches": (dict(model="tiny-lm", device="cpu"), pairs),
+    "score_flr": (dict(model="tiny-lm", device="cpu", backend="transformers"), responses),
 }
 
 

@@ -28,6 +28,8 @@ STEPS = {
     "route": "prefdata.steps.route:Route",
     "argilla_push": "prefdata.steps.human:ArgillaPush",
     "argilla_pull": "prefdata.steps.human:ArgillaPull",
+    "score_flr": "prefdata.steps.flr:ScoreFLR",
+    "length_bias": "prefdata.steps.length_report:LengthBias",
 }
 
 
