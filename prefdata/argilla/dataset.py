@@ -1,8 +1,9 @@
 """The Argilla dataset prefdata annotates in: its layout, and finding or creating it.
 
-What annotators see: the conversation, responses A and B, the guidelines (also repeated
-as the question's description, so they are on screen, not folded away), one question
-(A / B / tie) and an optional rationale. What they do not see: the A/B order, the AI
+What annotators see: the guidelines, the conversation, responses A and B, one question
+(A / B / tie) and an optional rationale. Argilla's UI folds the dataset guidelines into a
+collapsed panel and the question description behind an icon, so the guidelines are also
+a field of each record (``guidelines``), shown above the conversation. What they do not see: the A/B order, the AI
 verdict and the scores. Those live in metadata: properties declared with
 ``visible_for_annotators=False`` (owners can still filter on them) and extra metadata,
 which argilla-server only returns to owners and admins.
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 QUESTION = "preference"
 RATIONALE = "rationale"
 FIELDS = ("prompt", "response_a", "response_b")
+GUIDELINES_FIELD = "guidelines"
 LABELS = {"A": "Response A is better", "B": "Response B is better", "tie": "Tie: neither is better"}
 # Metadata with a property can be filtered in Argilla's UI, but argilla-server validates every such
 # value on upload (~3 ms each, most of a bulk upsert's time); the rest is sent as extra metadata.
@@ -47,14 +49,19 @@ class DatasetConfig:
     workspace: str = "prefdata"
 
 
+def guidelines_text(guidelines: str, show_ai_suggestion: bool) -> str:
+    return guidelines + ("\n\n" + SUGGESTION_NOTE if show_ai_suggestion else "")
+
+
 def dataset_settings(guidelines: str, min_submitted: int, show_ai_suggestion: bool,
                      columns: list[str] | tuple[str, ...] = FILTERABLE):
     """Fields, questions and metadata of a new dataset; filterable scores among ``columns``."""
     rg = require_sdk()
-    description = guidelines + ("\n\n" + SUGGESTION_NOTE if show_ai_suggestion else "")
+    description = guidelines_text(guidelines, show_ai_suggestion)
     return rg.Settings(
         guidelines=description,
         fields=[
+            rg.TextField(GUIDELINES_FIELD, title="Guidelines", use_markdown=True),
             rg.ChatField("prompt", title="Conversation"),
             rg.TextField("response_a", title="Response A", use_markdown=True),
             rg.TextField("response_b", title="Response B", use_markdown=True),

@@ -31,8 +31,8 @@ import polars as pl
 import pyarrow as pa
 
 from prefdata.argilla.client import connect, require_sdk, with_retries
-from prefdata.argilla.dataset import (GUIDELINES, QUESTION, DatasetConfig, dataset_settings, existing_ids,
-                                      get_or_create_dataset)
+from prefdata.argilla.dataset import (GUIDELINES, GUIDELINES_FIELD, QUESTION, DatasetConfig, dataset_settings,
+                                      existing_ids, get_or_create_dataset, guidelines_text)
 
 SCORE_METADATA = ("score_chosen", "score_rejected", "margin", "strength", "flip_prob", "route_score")
 MAX_BATCH = 500  # argilla-server's maximum records per bulk upsert
@@ -97,10 +97,16 @@ def _truncated(side: str, columns: list[str]) -> pl.Expr:
     return pl.lit(False).alias(f"_truncated_{side}")
 
 
-def build_records(df: pl.DataFrame, cfg: PushConfig) -> list:
-    """rg.Record objects for the rows of ``df``: the one row loop, at the edge (talking to Argilla)."""
+def build_records(df: pl.DataFrame, cfg: PushConfig, guidelines_field: bool = True) -> list:
+    """rg.Record objects for the rows of ``df``: the one row loop, at the edge (talking to Argilla).
+
+    ``guidelines_field``: the dataset shows the guidelines as a field (datasets created before
+    that field existed do not).
+    """
     rg = require_sdk()
     metadata_cols = [c for c in SCORE_METADATA if c in df.columns]
+    guidelines = {GUIDELINES_FIELD: guidelines_text(cfg.guidelines, cfg.show_ai_suggestion)} if guidelines_field \
+        else {}
     records = []
     for row in df.iter_rows(named=True):
         a_chosen = a_is_chosen(row["pair_id"], cfg.seed)
@@ -118,7 +124,8 @@ def build_records(df: pl.DataFrame, cfg: PushConfig) -> list:
                                              agent=AI_AGENT, type="model"))
         records.append(rg.Record(
             id=row["pair_id"],
-            fields={"prompt": [{"role": m["role"], "content": m["content"]} for m in row["prompt"] or []],
+            fields={**guidelines,
+                    "prompt": [{"role": m["role"], "content": m["content"]} for m in row["prompt"] or []],
                     "response_a": a, "response_b": b},
             metadata=metadata,
             suggestions=suggestions,
@@ -164,7 +171,7 @@ def push(table: pa.Table, cfg: PushConfig | None = None, client=None,
     dataset = get_or_create_dataset(client, cfg, settings, cfg.retries)
     present = existing_ids(client, dataset, cfg.retries)
     todo = df.filter(~pl.col("pair_id").is_in(list(present)))
-    records = build_records(todo, cfg)
+    records = build_records(todo, cfg, GUIDELINES_FIELD in {f.name for f in dataset.settings.fields})
     retried = [0]
     batches = 0
     for i in range(0, len(records), cfg.batch_size):

@@ -42,7 +42,10 @@ def test_record_layout_blind_by_default(argilla_server, pair_table):
         assert metadata["flip_prob"] == pytest.approx(row["flip_prob"])
         assert list(record.suggestions) == []  # blind: nothing pre-selected
     question = dataset.settings.questions["preference"]
-    assert "more helpful, honest and harmless" in question.description  # guidelines on screen
+    assert "more helpful, honest and harmless" in question.description
+    first = next(iter(records.values()))
+    assert first.fields["guidelines"].startswith("Read the conversation")  # on screen, not folded away
+    assert [f.name for f in dataset.settings.fields][0] == "guidelines"
     assert "AI model's opinion" not in dataset.settings.guidelines  # no suggestion, no note about it
 
 
@@ -58,6 +61,7 @@ def test_ai_suggestion_when_asked_is_labelled_and_explained(argilla_server, pair
         assert suggestion.agent.startswith("AI model opinion: not a correct answer") and "1 - flip probability" in suggestion.agent
     assert "the model's confidence" in dataset.settings.guidelines
     assert "the model's confidence" in dataset.settings.questions["preference"].description
+    assert "the model's confidence" in next(iter(records.values())).fields["guidelines"]
 
 
 def test_truncated_responses_are_marked(argilla_server, pair_table):
