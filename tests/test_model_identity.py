@@ -72,6 +72,19 @@ def test_content_hashes_are_memoised_by_path_size_and_mtime(local_model):
     assert hashed() - start == n_files + 1  # only the touched file was read again
 
 
+def test_training_leftovers_are_not_part_of_the_identity(local_model):
+    """``from_pretrained`` reads the top level: checkpoint folders and optimizer states are
+    neither hashed (they can be many GB) nor able to change the identity."""
+    before = identity.local_content_hash(local_model)
+    (local_model / "checkpoint-500").mkdir()
+    (local_model / "checkpoint-500" / "model.safetensors").write_bytes(b"old weights")
+    (local_model / "optimizer.pt").write_bytes(b"adam state")
+    (local_model / "trainer_log.txt").write_text("step 1")
+    assert identity.local_content_hash(local_model) == before
+    (local_model / "tokenizer_config.json").write_text("{}")  # a tokenizer file does count
+    assert identity.local_content_hash(local_model) != before
+
+
 def test_a_change_in_the_middle_of_a_weight_file_is_seen(local_model):
     weights = local_model / "model.safetensors"
     before = identity.model_identity_digest(str(local_model))

@@ -42,6 +42,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 TOKENIZER_PATTERNS = ("tokenizer*.json", "*.model", "vocab.*", "merges.txt",
                       "special_tokens_map.json", "chat_template*", "added_tokens.json")
 FIXED_FILES = ("config.json", "generation_config.json")
+TRAINING_STATE = ("optimizer*", "scheduler*", "rng_state*", "training_args.bin", "scaler.pt")
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16",
                "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16"}
 
@@ -204,19 +205,19 @@ def local_content_hash(path: str | Path) -> str:
         )
     h = hashlib.sha256()
     for f in files:
-        rel = f.name if path.is_file() else f.relative_to(path).as_posix()
-        h.update(f"{rel}\0{file_sha256(f)}\n".encode())
+        h.update(f"{f.name}\0{file_sha256(f)}\n".encode())
     return h.hexdigest()
 
 
 def identity_files(folder: Path) -> list[Path]:
-    """Weights, configs and tokenizer files of a model folder (not optimizer states, logs)."""
-    picked = {f for f in folder.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES}
-    picked |= {folder / n for n in FIXED_FILES if (folder / n).is_file()}
+    """Weights, configs and tokenizer files of a model folder — the top level only, as
+    ``from_pretrained`` reads it (not ``checkpoint-*/`` subfolders, optimizer states, logs)."""
+    picked = {f for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES
+              and not any(f.match(p) for p in TRAINING_STATE)}
+    picked |= {folder / n for n in FIXED_FILES}
     for pattern in TOKENIZER_PATTERNS:
-        picked |= {f for f in folder.glob(pattern) if f.is_file()}
-    picked = {f for f in picked if not any(p.startswith(".") for p in f.relative_to(folder).parts)}
-    return sorted(picked, key=lambda f: f.relative_to(folder).as_posix())
+        picked |= set(folder.glob(pattern))
+    return sorted(f for f in picked if f.is_file() and not f.name.startswith("."))
 
 
 def file_sha256(path: str | Path) -> str:
