@@ -114,7 +114,7 @@ def run_ours(data: str, work: str, steps: int, warmup: int) -> dict:
     cfg = config_from(dict(data=data, model=MODEL, output=f"{work}/ours", loss="dpo", beta=BETA, lr=LR,
                            batch_size=BATCH, max_length=MAX_LENGTH, max_steps=warmup + steps,
                            eval_fraction=0.0, save_every=0, device="cpu", precision="fp32",
-                           ref_cache_dir=f"{work}/ref-cache"))
+                           ref_cache_dir=f"{work}/ref-cache", progress=False))
     # first batch: the same 4 pairs TRL scores
     model, tok = load_policy(MODEL, cfg, "cpu")
     ex = load_examples(data, tok, MAX_LENGTH)
@@ -130,7 +130,8 @@ def run_ours(data: str, work: str, steps: int, warmup: int) -> dict:
     summary = train(cfg, on_step=lambda record: clock.tick())
     log = [json.loads(x) for x in Path(f"{work}/ours/log.jsonl").read_text().splitlines()]
     return {**clock.result(warmup), "first_batch": first, "first_step_loss": log[0]["loss"],
-            "precompute_s": summary.get("reference_seconds")}
+            "precompute_s": summary.get("reference_seconds"), "packing": summary.get("packing"),
+            "packing_check_rel_error": summary.get("packing_check_rel_error")}
 
 
 def run_trl(data: str, work: str, steps: int, warmup: int, precompute: bool) -> dict:
