@@ -111,7 +111,7 @@ def score_figure(chosen: np.ndarray, rejected: np.ndarray, xlabel: str):
 
 def histogram_figure(values: np.ndarray, xlabel: str, title: str, noun: str = "pairs"):
     fig, ax = _figure()
-    ax.hist(values, bins=_bins(values), color=HIST)
+    ax.hist(values, bins=_bins(values), color=HIST, edgecolor="white", linewidth=0.6)
     ax.set_title(f"{title} (n={len(values)})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(noun)

@@ -65,7 +65,7 @@ def render(root, data_files, summary, frame, columns, plots, template: Path, sco
         "built_from": built_from(summary, info),
         "rows": rows, "level": level, "files": ", ".join(f"`{r}`" for r in rel),
         "provenance": provenance(summary),
-        "models": ", ".join(model_mentions(summary)) or "none recorded",
+        "models": ", ".join(model_mentions(summary)) or "not recorded",
         "caveats": "\n".join(f"- {c}" for c in caveats(summary)) or "None recorded.",
         "quality": quality(frame, columns, summary, data_files, score),
         "human": human(frame, columns),
@@ -140,16 +140,17 @@ def _as_list(value) -> list:
 # -- how it was made ----------------------------------------------------------------------
 def built_from(summary: dict, info: dict) -> str:
     if not summary:
-        return "(this card was made from the data alone: no run summary was found beside it)"
+        return ("; this card describes the data alone: no run summary was found beside it, so the steps, "
+                "models and settings that made it are not recorded here")
     if info.get("recipe_path"):
-        return f"from the recipe `{show_paths(info['recipe_path'])}`"
-    return "with the Python API"
+        return f" from the recipe `{show_paths(info['recipe_path'])}`"
+    return " with the Python API"
 
 
 def provenance(summary: dict) -> str:
     steps = summary.get("steps") or []
     if not steps:
-        return "Not recorded: the steps, their settings and timings are in the run summary, which is not here."
+        return "Not recorded (see above: no run summary)."
     head = ("| step | fingerprint | rows in | rows out | cached | time | notes |\n"
             "|---|---|---:|---:|---:|---:|---|")
     rows = [step_row(s, label) for s, label in zip(steps, step_labels(steps))]
@@ -221,8 +222,6 @@ def caveats(summary: dict) -> list[str]:
             "one as in Xu et al. 2024, \"CDR: Customizable Density Ratios of Strong-over-weak LLMs for "
             "Preference Annotation\"."
         )
-    if not summary:
-        notes.append("No run summary: the steps, models and settings that made this data are not recorded here.")
     return notes
 
 
@@ -316,10 +315,11 @@ def truncation_lines(frame: pl.LazyFrame, columns: list[str]) -> list[str]:
     """Responses cut at ``max_new_tokens`` (``finish_reason = length``), per column."""
     lines = []
     for c in [c for c in columns if c == "finish_reason" or c.endswith("_finish_reason")]:
-        n, cut = frame.select(pl.col(c).is_not_null().sum(), (pl.col(c) == "length").sum()).collect().row(0)
+        n, cut = frame.select(pl.col(c).is_not_null().sum().alias("n"),
+                              (pl.col(c) == "length").sum().alias("cut")).collect().row(0)
         if n:
-            lines.append(f"- `{c}`: {cut} of {n} responses stopped at the token limit (`length`), "
-                         "the rest ended on their own.")
+            lines.append(f"- Truncated: {cut} of {n} responses were cut at the token limit "
+                         f"(`{c} = length`); the others ended on their own.")
     return lines
 
 

@@ -302,7 +302,7 @@ def test_card_from_the_data_alone(outdir, tmp_path):
     assert meta["configs"][0]["data_files"][0]["path"] == ["pairs_human.parquet"]
     assert check_hub_layout(folder) == []
     text = readme.read_text()
-    assert "made from the data alone" in text and "human = 4 (expert-generated)" in text
+    assert "this card describes the data alone" in text and "human = 4 (expert-generated)" in text
     assert "Pairs were chosen by `score_len`" in text  # found in the data: score_len_* equals score_*
     assert "ε = 0.1250 ± 0.0312 (standard error), from 48 confident pairs of 60 (file metadata" in text
     assert sorted(p.name for p in (folder / "plots").glob("*.png")) == ["margin.png", "scores.png"]
@@ -320,6 +320,20 @@ def test_card_of_one_file_among_files_of_different_schemas(outdir, tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="notes.txt: not a parquet file"):
         card_for_folder(tmp_path / "notes.txt")
+
+
+def test_response_table_card_counts_truncated_responses(tmp_path):
+    responses = pl.DataFrame({"prompt_id": ["a", "a", "b", "b"], "prompt": ["p", "p", "q", "q"],
+                              "response_id": ["a1", "a2", "b1", "b2"], "response": ["x", "y If you", "z", "w"],
+                              "finish_reason": ["stop", "length", "stop", "stop"],
+                              "score_judge": [1.0, 3.0, 5.0, 4.0]})
+    responses.write_parquet(tmp_path / "responses.parquet")
+    readme = card_for_folder(tmp_path)
+    assert front_matter(readme)["annotations_creators"] == ["machine-generated"]  # scores, no pairs yet
+    text = readme.read_text()
+    assert "Truncated: 1 of 4 responses were cut at the token limit (`finish_reason = length`)" in text
+    assert "Each row is one response" in text
+    assert [p.name for p in (tmp_path / "plots").glob("*.png")] == ["score_judge.png"]
 
 
 def test_layout_problems_are_reported(tmp_path):
