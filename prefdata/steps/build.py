@@ -59,6 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from prefdata.pairs import assistant_messages, combine_unordered, fmix64, hash64, hex16, take
 from prefdata.schema import PAIR, conform
@@ -245,7 +246,12 @@ def _original_pairs(table: pa.Table, valid, truncated, text_hash, counts: Counte
     whole = both.filter(pl.col("chosen").is_not_null() & pl.col("rejected").is_not_null())
     c = whole["chosen"].to_numpy().astype(np.int64)
     r = whole["rejected"].to_numpy().astype(np.int64)
-    status = np.select([~(valid[c] & valid[r]), truncated[c] | truncated[r], text_hash[c] == text_hash[r]],
+    same = text_hash[c] == text_hash[r]
+    if same.any():  # a 64-bit hash may collide: confirm on the texts themselves
+        texts = table.column("response")
+        hit = np.flatnonzero(same)
+        same[hit] = np.asarray(pc.equal(take(texts, c[hit]), take(texts, r[hit])).fill_null(False))
+    status = np.select([~(valid[c] & valid[r]), truncated[c] | truncated[r], same],
                        ["no_score", "truncated", "identical_texts"], "")
     dropped = Counter({f"dropped_pair_{k}": int(v) for k, v in zip(*np.unique(status[status != ""],
                                                                              return_counts=True))})
