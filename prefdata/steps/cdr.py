@@ -18,6 +18,23 @@ In the reference code both models read the same customised input x'; that is the
 here when strong and weak differ. With one model (the embedded default) the ratio comes
 from the customisation on the strong side only — the same weights with and without it —
 and dataset cards say so.
+
+Options that reproduce the reference implementation (gx-ai-architect/CDR-preference-
+annotation) where it differs from the defaults (which stay as they were):
+
+* ``exemplar_placement: user`` puts the exemplars in the last user turn, before the
+  request, which then ends with a "Good Assistant:" cue, as the reference's few-shot
+  prompts do (``system``, the default, renders them in the system message). With
+  ``exemplars_per_prompt: k`` each prompt gets k of its domain's exemplars drawn at random
+  (the reference draws one few-shot block per example from a per-domain pool), seeded by
+  ``exemplar_seed`` and the prompt, so the draw does not depend on the shard.
+* ``criteria_with_system: replace`` replaces a prompt's own system message with the
+  criteria, as the reference does; ``prepend`` (the default) keeps it after the criteria.
+* ``truncate: keep_start`` cuts, as the reference does, the response to its first
+  ``max_response_tokens`` (1,024) tokens and the templated prompt to its last
+  ``max_prompt_tokens`` (1,024), removing the earliest message text first; ``error`` (the
+  default) scores everything and leaves a too-long item to the backend's context check.
+  Truncation needs the model's tokenizer (transformers or vLLM backends).
 """
 
 from __future__ import annotations
@@ -25,8 +42,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
+from prefdata.schema import stable_hash
 from prefdata.step import MapStep
 
 DEFAULT_CRITERIA = (
@@ -35,6 +54,8 @@ DEFAULT_CRITERIA = (
     "do not know."
 )
 EXEMPLAR_KEYS = {"good", "bad", "explanation", "prompt"}
+CHOICES = {"exemplar_placement": ("system", "user"), "criteria_with_system": ("prepend", "replace"),
+           "truncate": ("error", "keep_start")}
 
 
 @dataclass
@@ -52,6 +73,13 @@ class ScoreCDRConfig:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 16
+    exemplar_placement: str = "system"  # system | user (reference: few-shot in the user turn)
+    exemplars_per_prompt: int | None = None  # user placement: k exemplars drawn per prompt (default all)
+    exemplar_seed: int = 0
+    criteria_with_system: str = "prepend"  # prepend | replace (reference: replace)
+    truncate: str = "error"  # error | keep_start (reference: 1,024 prompt / response tokens)
+    max_prompt_tokens: int = 1024
+    max_response_tokens: int = 1024
 
 
 class ScoreCDR(MapStep):
@@ -74,6 +102,7 @@ class ScoreCDR(MapStep):
             if bad:
                 raise ValueError(f"score_cdr: criteria for domain(s) {bad} must be strings")
         _check_exemplars(c.exemplars)
+        _check_reference_options(c)
         if self.same_model and (self.criteria_on_weak or not self._customises_default()):
             raise ValueError(
                 "score_cdr: with one model (weak unset or equal to strong) the ratio needs a "
@@ -140,14 +169,14 @@ class ScoreCDR(MapStep):
             )
         domains = (table.column(c.domain_column).to_pylist() if c.domain_column
                    else [None] * table.num_rows)
-        systems = {}
-        strong_in = []
-        for p, d in zip(prompts, domains):
-            d = c.default_domain if d is None else str(d)
-            if d not in systems:
-                systems[d] = customisation(c.criteria, c.exemplars, d, c.default_domain)
-            strong_in.append(with_criteria(p, systems[d]))
+        strong_in = self._customised(prompts, domains)
         weak_in = strong_in if self.criteria_on_weak else prompts
+        if c.truncate == "keep_start":
+            tok = _tokenizer(self.strong)
+            responses = [keep_first_tokens(tok, r, c.max_response_tokens) for r in responses]
+            strong_in = [keep_last_tokens(tok, m, c.max_prompt_tokens) for m in strong_in]
+            weak_in = strong_in if self.criteria_on_weak else [
+                keep_last_tokens(_tokenizer(self.weak), m, c.max_prompt_tokens) for m in weak_in]
         if self.weak is self.strong:  # one call: fuller batches
             both = self.strong.logprobs(strong_in + weak_in, responses + responses)
             strong, weak = both[:len(responses)], both[len(responses):]
@@ -157,6 +186,23 @@ class ScoreCDR(MapStep):
         field = "sum" if c.reduction == "sum" else "mean"
         scores = [getattr(s, field) - getattr(w, field) for s, w in zip(strong, weak)]
         return table.append_column(column, pa.array(scores, pa.float64()))
+
+    def _customised(self, prompts: list[list[dict]], domains: list) -> list[list[dict]]:
+        """Each prompt with its domain's criteria (system) and exemplars (system or user turn)."""
+        c = self.config
+        in_user = c.exemplar_placement == "user"
+        systems: dict[str, str | None] = {}
+        out = []
+        for p, d in zip(prompts, domains):
+            d = c.default_domain if d is None else str(d)
+            if d not in systems:
+                systems[d] = customisation(c.criteria, None if in_user else c.exemplars, d, c.default_domain)
+            messages = with_criteria(p, systems[d], c.criteria_with_system)
+            if in_user:
+                shots = drawn_exemplars(c, d, p)
+                messages = with_user_exemplars(messages, shots) if shots else messages
+            out.append(messages)
+        return out
 
 
 def customisation(criteria, exemplars, domain: str, default_domain: str) -> str | None:
@@ -188,13 +234,101 @@ def render_exemplars(exemplars: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def with_criteria(messages: list[dict], criteria: str | None) -> list[dict]:
-    """Put the criteria in the system message (before any system text the prompt has)."""
+def with_criteria(messages: list[dict], criteria: str | None, with_system: str = "prepend") -> list[dict]:
+    """Put the criteria in the system message: before any system text the prompt has
+    (``prepend``), or instead of it (``replace``, as the reference code does)."""
     if not criteria:
         return messages
     if messages and messages[0]["role"] == "system":
-        return [{"role": "system", "content": f"{criteria}\n\n{messages[0]['content']}"}] + list(messages[1:])
+        text = criteria if with_system == "replace" else f"{criteria}\n\n{messages[0]['content']}"
+        return [{"role": "system", "content": text}] + list(messages[1:])
     return [{"role": "system", "content": criteria}] + list(messages)
+
+
+def drawn_exemplars(cfg: ScoreCDRConfig, domain: str, prompt: list[dict]) -> list[dict]:
+    """The domain's exemplars (default domain as fallback); k of them drawn per prompt when
+    ``exemplars_per_prompt`` is set, seeded by ``exemplar_seed`` and the prompt's content."""
+    ex = cfg.exemplars or {}
+    shots = ex.get(domain, ex.get(cfg.default_domain)) or []
+    k = cfg.exemplars_per_prompt
+    if k is None or k >= len(shots):
+        return list(shots)
+    seed = int(stable_hash([cfg.exemplar_seed, [[m["role"], m["content"]] for m in prompt]], length=15), 16)
+    picked = np.random.default_rng(seed).choice(len(shots), size=k, replace=False)
+    return [shots[i] for i in sorted(picked)]
+
+
+def render_user_exemplars(exemplars: list[dict[str, str]], request: str) -> str:
+    """Few-shot exemplars as a transcript in the user turn, then the request and the cue
+    the reference's few-shot prompts end with."""
+    lines = ["Examples of a good and a bad answer:"]
+    for ex in exemplars:
+        if ex.get("prompt"):
+            lines += ["User:", ex["prompt"]]
+        lines += ["Good Assistant:", ex["good"], "Bad Assistant:", ex["bad"]]
+        if ex.get("explanation"):
+            lines += ["Explanation:", ex["explanation"]]
+        lines.append("")
+    lines += ["User:", request, "Good Assistant:"]
+    return "\n".join(lines)
+
+
+def with_user_exemplars(messages: list[dict], exemplars: list[dict]) -> list[dict]:
+    """The last user message rewritten to carry the exemplars before the request."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last is None:
+        return messages
+    out = list(messages)
+    out[last] = {"role": "user", "content": render_user_exemplars(exemplars, messages[last]["content"])}
+    return out
+
+
+def _tokenizer(model):
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError(f"score_cdr: option 'truncate: keep_start' needs the model's tokenizer, which the "
+                         f"backend of '{getattr(model, 'name', model)}' does not expose (an API model); "
+                         "use the transformers or vllm backend, or truncate: error")
+    return tok
+
+
+def keep_first_tokens(tok, text: str, limit: int) -> str:
+    """The text cut to its first ``limit`` tokens (unchanged when it fits)."""
+    ids = tok(text, add_special_tokens=False).input_ids
+    return text if len(ids) <= limit else tok.decode(ids[:limit])
+
+
+def keep_last_tokens(tok, messages: list[dict], limit: int) -> list[dict]:
+    """The conversation cut so that its template fits ``limit`` tokens, earliest text first
+    (the reference keeps the last tokens of the templated prompt): earlier messages are
+    dropped whole when their text is gone; the last message keeps its end."""
+    messages = [dict(m) for m in messages]
+    for _ in range(16):
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        excess = len(ids["input_ids"] if hasattr(ids, "keys") else ids) - limit
+        if excess <= 0:
+            return messages
+        first = tok(messages[0]["content"], add_special_tokens=False).input_ids
+        if len(messages) > 1 and len(first) <= excess:
+            messages = messages[1:]
+        elif len(first) == 0:
+            raise ValueError(f"score_cdr: the chat template alone needs more than max_prompt_tokens={limit} tokens; "
+                             "raise max_prompt_tokens")
+        else:
+            messages[0]["content"] = tok.decode(first[min(excess, len(first)):])
+    return messages
+
+
+def _check_reference_options(c: ScoreCDRConfig) -> None:
+    problems = [f"option '{k}' must be one of {list(v)}, got {getattr(c, k)!r}"
+                for k, v in CHOICES.items() if getattr(c, k) not in v]
+    if c.exemplars_per_prompt is not None and (c.exemplars_per_prompt < 1 or c.exemplar_placement != "user"):
+        problems.append("option 'exemplars_per_prompt' must be >= 1 and applies to exemplar_placement: user")
+    if c.max_prompt_tokens < 16 or c.max_response_tokens < 1:
+        problems.append(f"options max_prompt_tokens (>= 16) / max_response_tokens (>= 1) are too small: "
+                        f"{c.max_prompt_tokens} / {c.max_response_tokens}")
+    if problems:
+        raise ValueError("score_cdr: " + "; ".join(problems))
 
 
 def _check_exemplars(exemplars: Any) -> None:

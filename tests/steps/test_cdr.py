@@ -164,3 +164,75 @@ def test_bad_configs_are_clear_errors():
         ScoreCDR(exemplars={"chat": [{"good": "a", "bad": "b", "why": "c"}]})
     with pytest.raises(ValueError, match="unknown option"):
         ScoreCDR(criterion="x")
+
+
+# -- reference-faithful options (gx-ai-architect/CDR-preference-annotation) ----------------------
+def test_user_placement_puts_exemplars_in_the_user_turn_and_criteria_replace(models):
+    from prefdata.steps.cdr import render_user_exemplars
+
+    strong, weak = models
+    step = _step(strong, weak, criteria=CRITERIA, exemplars=EXEMPLARS, domain_column="domain",
+                 exemplar_placement="user", criteria_with_system="replace")
+    out = step.process(_table())
+    for (p, response, domain), got in zip(ROWS, out.column("score_cdr").to_pylist()):
+        d = domain if domain in CRITERIA else "default"
+        messages = [m for m in PROMPTS[p] if m["role"] != "system"]  # replace: the prompt's own system goes
+        if d in EXEMPLARS:
+            messages = [{"role": "user", "content": render_user_exemplars(EXEMPLARS[d], messages[-1]["content"])}]
+        messages = [{"role": "system", "content": CRITERIA[d]}] + messages
+        expected = _direct_logprob(strong, messages, response)[0] - _direct_logprob(weak, messages, response)[0]
+        assert got == pytest.approx(expected, abs=1e-4)
+    text = render_user_exemplars(EXEMPLARS["reasoning"], "What is 12 * 12?")
+    assert text == ("Examples of a good and a bad answer:\nUser:\n2 + 2?\nGood Assistant:\n4\nBad Assistant:\n5\n"
+                    "Explanation:\nArithmetic must be right.\n\nUser:\nWhat is 12 * 12?\nGood Assistant:")
+
+
+def test_exemplars_drawn_per_prompt_with_a_seed():
+    from prefdata.steps.cdr import drawn_exemplars
+
+    pool = {"default": [{"good": f"g{k}", "bad": f"b{k}"} for k in range(6)]}
+    prompts = [[{"role": "user", "content": f"Question {k}?"}] for k in range(12)]
+
+    def goods(step, prompt):
+        return tuple(s["good"] for s in drawn_exemplars(step.config, "default", prompt))
+
+    step = ScoreCDR(exemplars=pool, exemplar_placement="user", exemplars_per_prompt=2)
+    draws = [goods(step, p) for p in prompts]
+    assert all(len(d) == 2 for d in draws) and draws == [goods(step, p) for p in prompts]  # seeded
+    assert len(set(draws)) > 1  # different prompts, different draws
+    other = ScoreCDR(exemplars=pool, exemplar_placement="user", exemplars_per_prompt=2, exemplar_seed=7)
+    assert [goods(other, p) for p in prompts] != draws
+    everything = ScoreCDR(exemplars=pool, exemplar_placement="user")
+    assert len(drawn_exemplars(everything.config, "unknown-domain", prompts[0])) == 6  # default domain, all
+
+
+def test_truncate_keep_start_cuts_response_start_and_prompt_end(models):
+    from transformers import AutoTokenizer
+
+    from prefdata.steps.cdr import keep_last_tokens
+
+    strong, weak = models
+    tok = AutoTokenizer.from_pretrained(strong)
+    step = _step(strong, weak, truncate="keep_start", max_response_tokens=3, max_prompt_tokens=40)
+    out = step.process(_table())
+    for (p, response, _), got in zip(ROWS, out.column("score_cdr").to_pylist()):
+        ids = tok(response, add_special_tokens=False).input_ids
+        cut = tok.decode(ids[:3]) if len(ids) > 3 else response
+        messages = keep_last_tokens(tok, _system(step.config.criteria, PROMPTS[p]), 40)
+        n = len(tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+        assert n <= 40 and messages[-1]["content"].endswith(PROMPTS[p][-1]["content"][-5:])
+        expected = _direct_logprob(strong, messages, cut)[0] - _direct_logprob(weak, messages, cut)[0]
+        assert got == pytest.approx(expected, abs=1e-4)
+    full = _step(strong, weak).process(_table()).column("score_cdr").to_pylist()
+    assert full != pytest.approx(out.column("score_cdr").to_pylist(), abs=1e-4)  # truncation changed scores
+
+
+def test_reference_option_errors():
+    with pytest.raises(ValueError, match=r"score_cdr: option 'exemplar_placement' must be one of \['system', 'user'\]"):
+        ScoreCDR(exemplar_placement="assistant")
+    with pytest.raises(ValueError, match=r"option 'truncate' must be one of \['error', 'keep_start'\]"):
+        ScoreCDR(truncate="middle")
+    with pytest.raises(ValueError, match="option 'exemplars_per_prompt' must be >= 1 and applies to"):
+        ScoreCDR(exemplars_per_prompt=2)
+    with pytest.raises(ValueError, match="option 'criteria_with_system' must be one of"):
+        ScoreCDR(criteria_with_system="append")
