@@ -100,11 +100,17 @@ def test_pro_without_scores_is_plackett_luce_on_mean_logps():
 
 
 def test_compute_loss_dispatch_uses_config():
-    cfg = TrainConfig(data="x", model="y", loss="rdpo", beta=0.2, rdpo_eps=None)
+    cfg = TrainConfig(data="x", model="y", loss="rdpo", beta=0.2, rdpo_eps="per_pair")
     logps, ref = torch.stack([C, R], 1), torch.stack([RC, RR], 1)
     n = torch.stack([NC, NR], 1)
     flip = torch.tensor([0.1, 0.2, 0.3])
     got = losses.compute_loss(cfg, logps, n, n > 0, ref, None, flip)
     check(got, losses.rdpo_loss(C, R, RC, RR, 0.2, flip).tolist())
+    # one ε resolved at start (the dataset's) wins over the column
+    got = losses.compute_loss(cfg, logps, n, n > 0, ref, None, flip, rdpo_eps=0.25)
+    e = 0.25
+    check(got, [((1 - e) * -logsig(0.2 * h(i)) - e * -logsig(-0.2 * h(i))) / (1 - 2 * e) for i in range(3)])
+    with pytest.raises(ValueError, match="no ε"):
+        losses.compute_loss(cfg, logps, n, n > 0, ref, None, None)
     cfg.loss = "simpo"
     check(losses.compute_loss(cfg, logps, n, n > 0), losses.simpo_loss(C, R, NC, NR, 2.0, 0.5).tolist())
