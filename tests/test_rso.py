@@ -67,3 +67,54 @@ def test_beta_must_be_positive():
     for beta in (0.0, -1.0):
         with pytest.raises(ValueError, match=r"'rso_beta' .* must be > 0"):
             rso_accept(np.zeros(3), 1, beta, np.random.default_rng(0))
+
+
+# -- build_pairs strategy rso and Bradley–Terry soft labels -------------------------------------
+def responses(n_prompts=3, n=6, seed=0):
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    rows = [(p, k) for p in range(n_prompts) for k in range(n)]
+    return pa.table({
+        "prompt_id": [f"p{p}" for p, _ in rows],
+        "prompt": [[{"role": "user", "content": f"q{p}"}] for p, _ in rows],
+        "response_id": [f"r{p}-{k}" for p, k in rows],
+        "response": [f"answer {p}/{k}" for p, k in rows],
+        "score_x": rng.normal(size=len(rows)).round(3).tolist(),
+    })
+
+
+def test_build_pairs_rso_with_soft_labels():
+    import pyarrow as pa
+
+    from prefdata.steps.build import BuildPairs
+
+    table = responses()
+    step = BuildPairs(score="score_x", strategy="rso", rso_beta=0.5, pairs_per_prompt=2, label_prob=True, seed=3)
+    out = step.process(table)
+    pairs = out.table.to_pydict()
+    assert out.counts["pairs"] == len(pairs["pair_id"]) == 6  # 2 pairs from 4 accepted samples per prompt
+    assert set(pairs["pair_strategy"]) == {"rso"} and all(m > 0 for m in pairs["margin"])
+    for p in ("p0", "p1", "p2"):  # the 4 accepted samples are distinct
+        ids = [i for k, i in enumerate(pairs["chosen_id"] + pairs["rejected_id"])
+               if (pairs["prompt_id"] * 2)[k] == p]
+        assert len(ids) == len(set(ids)) == 4
+    expected = 1.0 / (1.0 + np.exp(-(np.array(pairs["score_chosen"]) - np.array(pairs["score_rejected"]))))
+    np.testing.assert_allclose(pairs["label_prob"], expected, rtol=1e-12)  # P(a ≻ b) = σ(r_a − r_b)
+    assert "label_prob" in step.output_columns(table.column_names)
+    # a prompt's pairs do not depend on the other prompts in its shard, nor on the row order
+    alone = step.process(table.slice(6, 6)).table.to_pydict()
+    mine = [k for k, p in enumerate(pairs["prompt_id"]) if p == "p1"]
+    assert alone["pair_id"] == [pairs["pair_id"][k] for k in mine]
+    shuffled = table.take(pa.array(np.random.default_rng(0).permutation(table.num_rows)))
+    assert sorted(step.process(shuffled).table.column("pair_id").to_pylist()) == sorted(pairs["pair_id"])
+    # without label_prob the output is as before
+    assert "label_prob" not in BuildPairs(score="score_x", strategy="rso").process(table).table.column_names
+
+
+def test_build_pairs_rso_beta_error_names_step_and_option():
+    from prefdata.steps.build import BuildPairs
+
+    for beta in (0.0, -2.0):
+        with pytest.raises(ValueError, match=r"build_pairs: option 'rso_beta' .* must be > 0"):
+            BuildPairs(score="score_x", strategy="rso", rso_beta=beta)

@@ -10,6 +10,14 @@ k = n − 1 these are the pairs Curry-DPO orders into a curriculum). ``all_pairs
 every pair of a prompt's responses whose score gap is at least ``min_margin``, the k
 widest gaps first with ``pairs_per_prompt``.
 
+``rso`` accepts samples as draws from the optimal policy π* ∝ π_sft·exp(r/β) by statistical
+rejection sampling (Liu et al. 2024, "Statistical Rejection Sampling Improves Preference
+Optimization"; ``prefdata.rso``, β = ``rso_beta``) and pairs consecutive accepted samples,
+the higher score chosen: ``pairs_per_prompt`` pairs from 2·k accepted samples, seeded by
+``seed`` and the prompt. ``label_prob: true`` adds ``label_prob`` = σ(score_chosen −
+score_rejected), the Bradley–Terry probability that chosen is preferred, a soft label
+that ``cdpo``/``rdpo`` training can use per pair.
+
 ``original`` gives back the pairs ``import_pairs`` read, exactly: one pair per
 ``original_pair`` id, chosen = the row whose ``original_role`` is ``chosen``, however many
 pairs share a prompt (a best-vs-rest strategy would recombine two pairs of one prompt into
@@ -65,7 +73,7 @@ from prefdata.pairs import assistant_messages, combine_unordered, fmix64, hash64
 from prefdata.schema import PAIR, conform
 from prefdata.step import MapStep, Output
 
-STRATEGIES = ("auto", "best_vs_random", "best_vs_worst", "all_pairs", "original")
+STRATEGIES = ("auto", "best_vs_random", "best_vs_worst", "all_pairs", "original", "rso")
 SLICE_OFFSETS = 16  # all_pairs: offsets compared as whole shifted slices
 PROMPT_LEVEL = ("prompt", "source")
 ORIGINAL_COLUMNS = ("original_pair", "original_role")
@@ -80,6 +88,8 @@ class BuildPairsConfig:
     pairs_per_prompt: int | None = None  # default: 1 for best_vs_*, every pair for all_pairs
     carry: list[str] | None = None  # response columns copied as <col>_chosen/_rejected; default score_*
     drop_truncated: bool = False  # leave out responses with finish_reason == "length"
+    rso_beta: float = 1.0  # strategy rso: β of π* ∝ π_sft·exp(r/β) (prefdata.rso)
+    label_prob: bool = False  # add label_prob = σ(score_chosen − score_rejected), a Bradley–Terry soft label
 
 
 class BuildPairs(MapStep):
@@ -97,6 +107,8 @@ class BuildPairs(MapStep):
             raise ValueError("build_pairs: min_margin must be >= 0")
         if c.pairs_per_prompt is not None and c.pairs_per_prompt < 1:
             raise ValueError(f"build_pairs: pairs_per_prompt must be >= 1, got {c.pairs_per_prompt}")
+        if not c.rso_beta > 0:
+            raise ValueError(f"build_pairs: option 'rso_beta' (β of strategy rso) must be > 0, got {c.rso_beta}")
         if c.strategy == "original" and (c.min_margin > 0 or c.pairs_per_prompt is not None):
             raise ValueError("build_pairs: strategy 'original' gives back every imported pair as it was; "
                              "min_margin and pairs_per_prompt do not apply to it. Remove them, or filter "
@@ -111,7 +123,8 @@ class BuildPairs(MapStep):
         resolve_strategy(columns, self.config)  # refuse a recombining strategy before any work
         extra = [c for c in PROMPT_LEVEL if c in columns and c not in PAIR.names]
         carried = _carried(columns, self.config)
-        return list(PAIR.names) + extra + [f"{c}_{side}" for c in carried for side in ("chosen", "rejected")]
+        soft = ["label_prob"] if self.config.label_prob else []
+        return list(PAIR.names) + extra + soft + [f"{c}_{side}" for c in carried for side in ("chosen", "rejected")]
 
     def process(self, table: pa.Table) -> Output:
         return build_pairs(table, self.config)
@@ -181,6 +194,12 @@ def _scored_pairs(table, usable, scores, resp_hash, text_hash, strategy, cfg, co
     t = text_hash[runs.rows]
     if strategy == "all_pairs":
         pos_c, pos_r = _all_pairs(runs, s, r, t, cfg)
+    elif strategy == "rso":  # Liu et al. 2024 rejection sampling, then pairs of accepted samples
+        from prefdata.rso import rso_pairs
+
+        keys = hash64(take(table.column("prompt_id"), runs.rows[runs.head]))
+        pos_c, pos_r = rso_pairs(s, r, t, runs.head, runs.end, keys, cfg.rso_beta, cfg.pairs_per_prompt or 1,
+                                 cfg.seed, cfg.min_margin)
     else:
         pos_c, pos_r = _best_vs_rest(runs, s, r, t, cfg, strategy)
     paired = np.zeros(runs.n, bool)
@@ -438,6 +457,8 @@ def _assemble(table: pa.Table, scores: pl.Series, h: np.ndarray, rows_c: np.ndar
     for c in PROMPT_LEVEL:
         if c in table.column_names and c not in cols:
             cols[c] = take(table.column(c), rows_c)
+    if cfg.label_prob:  # P(chosen ≻ rejected) under Bradley–Terry on the score: σ(margin)
+        cols["label_prob"] = pa.array(0.5 * (1.0 + np.tanh(0.5 * (sc - sr))), pa.float64())
     for c in _carried(table.column_names, cfg):
         if c not in table.column_names:
             raise ValueError(f"build_pairs: carry column '{c}' is not in the response table")
