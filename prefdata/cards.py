@@ -222,6 +222,11 @@ def caveats(summary: dict) -> list[str]:
             "one as in Xu et al. 2024, \"CDR: Customizable Density Ratios of Strong-over-weak LLMs for "
             "Preference Annotation\"."
         )
+    for s, label in zip(summary.get("steps", []), step_labels(summary.get("steps", []))):
+        if s["step"] == "score_cdr":
+            from prefdata.steps.cdr import choice_note
+
+            notes.append(choice_note(f"`{label}`", s.get("config") or {}))
     return notes
 
 
@@ -259,6 +264,9 @@ def quality(frame: pl.LazyFrame, columns: list[str], summary: dict, data_files: 
     if score:
         lines.insert(0, f"- Pairs were chosen by {labelled(f'`{score}`', unit)}.")
     lines += truncation_lines(frame, columns)
+    from prefdata.length_bias import length_bias_lines
+
+    lines += length_bias_lines(frame, columns)
     return "\n".join(lines) or "No noise estimates in this dataset."
 
 

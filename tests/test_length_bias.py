@@ -42,3 +42,17 @@ def test_card_lines_step_metadata_and_non_pair_tables():
     assert no_margin["length_margin_corr"] is None and no_margin["length_pairs"] == 4
     with pytest.raises(ValueError, match="needs 'chosen' and 'rejected'"):
         length_bias(pl.DataFrame({"response": ["a"]}))
+
+
+def test_card_has_the_length_bias_report_and_the_cdr_choices(tmp_path):
+    from prefdata.cards import write_card
+
+    data = tmp_path / "pairs.parquet"
+    pairs().write_parquet(data)
+    steps = [{"step": "score_cdr", "config": {"strong": "m", "weak": "w", "exemplar_placement": "user",
+                                              "truncate": "keep_start"},
+              "fingerprint": "0" * 16, "rows_in": 4, "rows_out": 4, "seconds": 0.0, "kind": "map"}]
+    text = write_card(tmp_path, [data], {"steps": steps, "info": {}}).read_text()
+    assert "- Length bias: the chosen response is longer in 50.0% of 4 pairs" in text
+    assert ("`score_cdr`: exemplars in the last user turn; criteria are put before a prompt's own system message; "
+            "prompts cut to their last 1024 and responses to their first 1024 tokens") in text

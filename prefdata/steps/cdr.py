@@ -348,3 +348,17 @@ def _check_exemplars(exemplars: Any) -> None:
             if missing or unknown:
                 raise ValueError(f"{where}: missing {missing} / unknown keys {unknown}; "
                                  f"allowed keys: {sorted(EXEMPLAR_KEYS)}")
+
+
+def choice_note(label: str, config: dict) -> str:
+    """One dataset-card sentence naming a score_cdr step's choices where the reference code differs."""
+    c = {f.name: f.default for f in __import__("dataclasses").fields(ScoreCDRConfig)} | dict(config)
+    placement = ("in the last user turn" + (f", {c['exemplars_per_prompt']} drawn per prompt (seed "
+                                            f"{c['exemplar_seed']})" if c.get("exemplars_per_prompt") else "")
+                 if c["exemplar_placement"] == "user" else "in the system message")
+    system = ("replace" if c["criteria_with_system"] == "replace" else "are put before") + " a prompt's own system message"
+    cut = (f"prompts cut to their last {c['max_prompt_tokens']} and responses to their first "
+           f"{c['max_response_tokens']} tokens" if c["truncate"] == "keep_start" else "nothing truncated")
+    return (f"{label}: exemplars {placement}; criteria {system}; {cut} (the CDR reference code puts few-shot "
+            "exemplars in the user turn, replaces the system message and truncates prompt and response to 1,024 "
+            "tokens each).")
