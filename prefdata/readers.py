@@ -12,8 +12,9 @@ Strictness, so that nothing bad passes as data:
 * JSON(L): a line that is not valid JSON, not UTF-8 or not an object is reported by its
   line (``file: line 7: …``), not as some field; an object with a duplicated key (which
   ``json.loads`` would silently resolve to the last value) is reported with the key. A JSONL
-  batch takes a fast path (``pyarrow.json``) only when it parses as one table with one row
-  per line and no string was turned into a timestamp; otherwise it is read line by line.
+  batch takes a fast path (``pyarrow.json``) when it parses as one table with one row per
+  line (strings Arrow would type as timestamps are kept as text); otherwise it is read line
+  by line.
 * CSV is parsed with ``csv``'s strict mode: a quote that opens a cell and is not closed
   properly (which would otherwise swallow the next lines into one garbage cell) is reported
   with the line the record starts on; in quarantine mode that one line is set aside and
@@ -319,7 +320,7 @@ def _jsonl_batch(path: Path, data: bytes, first_line: int) -> Rows:
     if data.strip():
         table = _arrow_json(data)
         lines = data.count(b"\n") + (not data.endswith(b"\n"))
-        if table is not None and table.num_rows == lines and not _has_timestamp(table.schema):
+        if table is not None and table.num_rows == lines:
             return _table_rows(path, "jsonl", table, first=first_line)  # no blank lines: row i is line i + first
     return _json_objects(path, "jsonl", _numbered_lines(data, first_line))
 
@@ -332,6 +333,10 @@ def _arrow_json(data: bytes) -> pa.Table | None:
     try:
         opts = pajson.ReadOptions(block_size=max(1 << 20, min(len(data) // 8 + 1, 1 << 26)))
         table = pajson.read_json(pa.BufferReader(data), read_options=opts)
+        if _has_timestamp(table.schema):  # ISO-date strings were typed as timestamps: read them as text
+            schema = pa.schema([pa.field(f.name, _as_text(f.type)) for f in table.schema])
+            table = pajson.read_json(pa.BufferReader(data), read_options=opts,
+                                     parse_options=pajson.ParseOptions(explicit_schema=schema))
         table.validate(full=True)  # Arrow's JSON parser lets bytes that are not UTF-8 through
         return table
     except (pa.ArrowException, ValueError):
@@ -339,7 +344,7 @@ def _arrow_json(data: bytes) -> pa.Table | None:
 
 
 def _has_timestamp(t: pa.Schema | pa.DataType) -> bool:
-    """Arrow turns ISO-date strings into timestamps; JSON has none, so such a batch is read as text."""
+    """Arrow turns ISO-date strings into timestamps; JSON has none, so those strings stay text."""
     if isinstance(t, pa.Schema):
         return any(_has_timestamp(f.type) for f in t)
     if pa.types.is_timestamp(t) or pa.types.is_date(t):
@@ -349,6 +354,17 @@ def _has_timestamp(t: pa.Schema | pa.DataType) -> bool:
     if pa.types.is_struct(t):
         return any(_has_timestamp(f.type) for f in t)
     return False
+
+
+def _as_text(t: pa.DataType) -> pa.DataType:
+    """The same type with every timestamp or date (inferred from a string) as a string."""
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        return pa.string()
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return pa.list_(pa.field(t.value_field.name, _as_text(t.value_type)))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _as_text(f.type), f.nullable) for f in t])
+    return t
 
 
 def _numbered_lines(data: bytes, first: int = 1):
