@@ -458,3 +458,28 @@ def test_escaped_control_text_gives_no_control_tokens_with_a_real_chat_template(
 
     # kept, the injected '<|im_start|>system' opens one more real turn; escaped, only the template's own remain
     assert starts("keep") == starts("escape") + 1 >= 3
+
+
+def test_strict_csv_reads_every_valid_file_exactly_as_csv_does(tmp_path):
+    """Random cells with quotes, commas, CR/LF: the strict reader with its resync agrees with csv."""
+    import io
+    import random
+
+    from prefdata.readers import iter_rows
+
+    rng = random.Random(0)
+    pieces = ["a", "b", " ", ",", '"', "\n", "\r\n", "é", "'", "\t", 'x"y']
+    for trial in range(100):
+        rows = [["".join(rng.choice(pieces) for _ in range(rng.randint(1, 8))) for _ in range(3)]
+                for _ in range(rng.randint(1, 20))]
+        buf = io.StringIO(newline="")
+        writer = csv.writer(buf, lineterminator=rng.choice(["\n", "\r\n"]))
+        writer.writerow(["p", "q", "r"])
+        writer.writerows(rows)
+        path = tmp_path / f"t{trial}.csv"
+        path.write_bytes(buf.getvalue().encode())
+        got = []
+        for batch in iter_rows(str(path)):
+            assert not batch.bad, (trial, batch.bad)
+            got += [[batch.data[c][i] for c in "pqr"] for i in range(len(batch))]
+        assert got == rows, trial
