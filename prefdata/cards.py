@@ -470,5 +470,16 @@ def push_to_hub(root: str | Path, repo_id: str, private: bool = False) -> str:
 
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(root), repo_id=repo_id, repo_type="dataset")
+    summaries = ["summary.json", "*.summary.json"]
+    api.upload_folder(folder_path=str(root), repo_id=repo_id, repo_type="dataset", ignore_patterns=summaries)
+    for path in [p for pattern in summaries for p in Path(root).glob(pattern)]:
+        api.upload_file(path_or_fileobj=public_summary(path).encode(), path_in_repo=path.name, repo_id=repo_id,
+                        repo_type="dataset")
     return f"https://huggingface.co/datasets/{repo_id}"
+
+
+def public_summary(path: str | Path) -> str:
+    """A run summary as it may be published: the machine's absolute paths (workdir, output,
+    input files, local models) shown as in the card, secrets already redacted."""
+    summary = show_paths(json.loads(Path(path).read_text()))
+    return scrub_paths(redact(json.dumps(summary, indent=2)))

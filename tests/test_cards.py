@@ -18,7 +18,7 @@ import yaml
 from datasets import load_dataset
 
 from prefdata.card_plots import pair_figures, score_figure, step_labels, steps_figure
-from prefdata.cards import card_for_folder, check_hub_layout, size_category, write_card
+from prefdata.cards import card_for_folder, check_hub_layout, public_summary, size_category, write_card
 from prefdata.pipeline import Pipeline
 from prefdata.step import MapStep
 from prefdata.steps.build import BuildPairs
@@ -163,6 +163,15 @@ def test_no_machine_path_in_the_card(outdir):
     assert recipe["workdir"] == "work" and recipe["output"] == "out"  # basenames, not the machine's paths
     assert recipe["steps"][0]["path"] == "p.jsonl"
     assert "from the recipe `r.yaml`" in text
+
+
+def test_published_summary_has_no_machine_path(outdir):
+    saved = (outdir / "summary.json").read_text()
+    assert str(outdir) in saved  # the local copy keeps the real paths, for resuming and debugging
+    public = public_summary(outdir / "summary.json")
+    assert str(outdir.parent) not in public and "/tmp" not in public
+    recipe = json.loads(public)["info"]["recipe"]
+    assert (recipe["workdir"], recipe["output"], recipe["steps"][0]["path"]) == ("work", "out", "p.jsonl")
 
 
 def test_recipe_keys_keep_their_written_order_when_the_card_is_rewritten(copy_of):
