@@ -132,7 +132,8 @@ def test_duplicated_key_and_chat_control_text(tmp_path):
     assert kept.counts["control_text_rows"] == 2 and kept.counts["quarantined_duplicate_key"] == 1
     assert kept.table["response"].to_pylist()[-1] == injected["response"]
     escaped = ImportRatings(path=str(path), on_error="quarantine", special_tokens="escape").read()
-    texts = escaped.table["response"].to_pylist() + [m["content"] for p in escaped.table["prompt"].to_pylist() for m in p]
+    prompts = escaped.table["prompt"].to_pylist()
+    texts = escaped.table["response"].to_pylist() + [m["content"] for p in prompts for m in p]
     assert not any(CONTROL_RE.search(t) for t in texts)
     assert escaped.table["response"].to_pylist()[-1].replace("\u200b", "") == injected["response"]
     strict = ImportRatings(path=str(path), on_error="quarantine", special_tokens="quarantine").read()

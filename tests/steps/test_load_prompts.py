@@ -358,7 +358,8 @@ def test_csv_quote_left_open_to_the_end_of_the_file(tmp_path):
 def test_csv_header_naming_a_column_twice_is_an_error(tmp_path):
     path = tmp_path / "twice.csv"
     path.write_bytes(b"prompt,domain,prompt\na,b,c\n")
-    with pytest.raises(ValueError, match=r"twice\.csv: line 1: the header names column\(s\) \['prompt'\] more than once"):
+    with pytest.raises(ValueError, match=r"twice\.csv: line 1: the header names column\(s\) \['prompt'\] "
+                                         r"more than once"):
         load(path, on_error="quarantine")
 
 
