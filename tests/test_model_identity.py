@@ -29,8 +29,10 @@ SHA_V1 = "b" * 40
 
 @pytest.fixture(autouse=True)
 def fresh_store(tmp_path, monkeypatch):
-    """A fresh prefdata cache dir (so the file-hash store starts empty) and no process memo."""
-    monkeypatch.setenv("PREFDATA_CACHE", str(tmp_path / "prefdata-cache"))
+    """An empty file-hash store and no process memo. (Only the store moves: the rest of the
+    prefdata cache holds the converted embedded model, which tiny models borrow a tokenizer from.)"""
+    store = tmp_path / "file-hashes.sqlite"
+    monkeypatch.setattr(identity, "store_path", lambda: store)
     identity.clear_memo()
     yield
     identity.clear_memo()
@@ -64,7 +66,7 @@ def test_content_hashes_are_memoised_by_path_size_and_mtime(local_model):
     identity.clear_memo()  # a new process: only the store under the cache dir remains
     assert Sample(model=str(local_model)).fingerprint() == first
     assert hashed() - start == n_files  # nothing hashed again: the store answered
-    assert (Path(os.environ["PREFDATA_CACHE"]) / "file-hashes.sqlite").is_file()
+    assert identity.store_path().is_file()
     weights = local_model / "model.safetensors"
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # touched, same bytes
@@ -83,6 +85,22 @@ def test_training_leftovers_are_not_part_of_the_identity(local_model):
     assert identity.local_content_hash(local_model) == before
     (local_model / "tokenizer_config.json").write_text("{}")  # a tokenizer file does count
     assert identity.local_content_hash(local_model) != before
+
+
+def test_the_store_forgets_deleted_files_when_it_grows(tmp_path, monkeypatch):
+    monkeypatch.setattr(identity, "STORE_ROWS", 2)
+    files = [tmp_path / f"w{i}.bin" for i in range(3)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * 10)
+    identity.file_sha256(files[0])
+    files[0].unlink()
+    identity.file_sha256(files[1])
+    identity.file_sha256(files[2])  # third row: over the limit, the deleted file's row goes
+    import sqlite3
+
+    with sqlite3.connect(identity.store_path()) as con:
+        paths = sorted(p for (p,) in con.execute("SELECT path FROM hashes"))
+    assert paths == sorted(str(f.resolve()) for f in files[1:])
 
 
 def test_a_change_in_the_middle_of_a_weight_file_is_seen(local_model):

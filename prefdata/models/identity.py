@@ -38,6 +38,8 @@ KINDS = ("lm", "reward", "api")
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 REPO_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 CHUNK = 1 << 22  # 4 MiB reads: a 15 GB file never sits in memory
+STORE_ROWS = 20_000  # above this, rows of files that no longer exist are dropped
+BIG_FILE = 1 << 28  # files above 256 MiB get a log line while they are hashed
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 TOKENIZER_PATTERNS = ("tokenizer*.json", "*.model", "vocab.*", "merges.txt",
                       "special_tokens_map.json", "chat_template*", "added_tokens.json")
@@ -238,13 +240,16 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _hash_file(path: Path) -> str:
+    size = path.stat().st_size
+    if size > BIG_FILE:
+        log.info("hashing %s (%.1f GB) for the cache key; once — remembered in %s",
+                 path, size / 1e9, store_path())
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK):
             h.update(chunk)
     HASHED["files"] += 1
-    HASHED["bytes"] += path.stat().st_size
-    log.debug("hashed %s", path)
+    HASHED["bytes"] += size
     return h.hexdigest()
 
 
@@ -274,6 +279,9 @@ def _store_put(key: tuple, digest: str) -> None:
     try:
         with _connect() as con:
             con.execute("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?)", (*key, digest))
+            if con.execute("SELECT count(*) FROM hashes").fetchone()[0] > STORE_ROWS:
+                gone = [(p,) for (p,) in con.execute("SELECT path FROM hashes") if not os.path.exists(p)]
+                con.executemany("DELETE FROM hashes WHERE path = ?", gone)
     except sqlite3.Error as exc:
         log.warning("file-hash store %s not writable (%s); the hash is not memoised", store_path(), exc)
 
