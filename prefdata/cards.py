@@ -34,6 +34,8 @@ SIZES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_
          (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"))
 # label_source value -> Hub annotations_creators value
 CREATORS = {"ai": "machine-generated", "human": "expert-generated", "original": "found"}
+CARD_KEYS = {"title", "description", "license", "license_name", "license_link", "language", "task_categories",
+             "tags", "annotations_creators"}
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ABS_PATH = re.compile(r"(?<![\w:/.~-])~?/[\w.+@-]+(?:/[\w.+@-]+)+/?")
 
@@ -81,6 +83,10 @@ def render(root, data_files, summary, frame, columns, plots, template: Path, sco
 # -- YAML header ------------------------------------------------------------------------
 def metadata(card: dict, rel: list[str], rows: int, title: str, frame: pl.LazyFrame, columns: list[str]) -> dict:
     """The Hub's card fields, in the order the Hub's own cards use."""
+    unknown = sorted(set(card) - CARD_KEYS)
+    if unknown:
+        log.warning("card: unknown key(s) %s in the recipe's card: mapping are ignored; known: %s",
+                    unknown, sorted(CARD_KEYS))
     meta = {"pretty_name": title, **license_fields(card)}
     meta["language"] = _as_list(card.get("language", ["en"]))
     meta["annotations_creators"] = _as_list(card.get("annotations_creators") or annotation_creators(frame, columns))

@@ -131,7 +131,7 @@ def test_card_yaml_has_every_hub_field(outdir):
     assert "pairs=12" in text
 
 
-def test_license_other_has_name_and_link_and_unset_license_is_unknown(copy_of):
+def test_license_other_has_name_and_link_and_unset_license_is_unknown(copy_of, caplog):
     summary = json.loads((copy_of / "summary.json").read_text())
     summary["info"]["recipe"]["card"] = {"license": "other", "license_name": "my-terms-1.0",
                                          "license_link": "https://example.org/terms", "language": ["fr", "en"],
@@ -141,8 +141,9 @@ def test_license_other_has_name_and_link_and_unset_license_is_unknown(copy_of):
         ("other", "my-terms-1.0", "https://example.org/terms")
     assert meta["language"] == ["fr", "en"]
     assert meta["task_categories"] == ["text-generation", "text-classification"]
-    del summary["info"]["recipe"]["card"]
+    summary["info"]["recipe"]["card"] = {"licence": "mit"}  # a typo is named, not silently dropped
     path = write_card(copy_of, [copy_of / DATA], summary)
+    assert "unknown key(s) ['licence']" in caplog.text
     assert front_matter(path)["license"] == "unknown"
     assert "has not stated a license" in section(path.read_text(), "License")
 
