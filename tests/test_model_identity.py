@@ -229,6 +229,64 @@ def test_vllm_auto_dtype_follows_the_checkpoint(hf_cache):
     assert identity._vllm_auto_dtype(ref) == "float16"
 
 
+# -- the Hub, online: a local server speaking the part of the Hub API the client uses ------
+@pytest.fixture
+def fake_hub(monkeypatch, hf_cache):
+    """An HTTP server answering ``/api/models/<id>`` as the Hub does: org/tiny at a commit,
+    org/gated refused with the Hub's gated-repo error code, anything else not found. The
+    real ``huggingface_hub`` client talks to it (``HF_ENDPOINT``)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/api/models/org/tiny"):
+                status, code, body = 200, None, {"id": "org/tiny", "sha": "d" * 40, "private": False}
+            elif self.path.startswith("/api/models/org/gated"):
+                status, code, body = 401, "GatedRepo", {"error": "Access to model org/gated is restricted."}
+            else:
+                status, code, body = 404, "RepoNotFound", {"error": "Repository not found"}
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            if code:
+                self.send_header("X-Error-Code", code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    yield server
+    server.shutdown()
+
+
+def test_online_a_hub_id_is_the_commit_the_hub_names(fake_hub):
+    assert resolve_identity(ModelRef("org/tiny"))["weights"]["commit"] == "d" * 40  # not the cache's
+
+
+def test_online_gated_and_unknown_ids_are_clean_errors(fake_hub):
+    with pytest.raises(ValueError) as err:
+        Sample(model="org/gated").fingerprint()
+    assert "step 'sample'" in str(err.value) and "'org/gated'" in str(err.value)
+    assert "gated" in str(err.value) and "hf auth login" in str(err.value)
+    with pytest.raises(ValueError, match="'org/typo'.*no such model id"):
+        Sample(model="org/typo").fingerprint()
+
+
+def test_an_unreachable_hub_falls_back_to_the_cached_snapshot(fake_hub, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    assert resolve_identity(ModelRef("org/tiny"))["weights"]["commit"] == SHA_MAIN
+    with pytest.raises(ValueError, match="could not be reached"):
+        resolve_identity(ModelRef("org/elsewhere"))
+
+
 # -- embedded and API models ---------------------------------------------------------------
 def test_the_embedded_model_is_its_package_version_and_gguf_hash():
     from prefdata.models.hub import smollm2_gguf_path

@@ -295,30 +295,48 @@ def hub_commit(repo_id: str, revision: str | None = None) -> str:
     """
     if revision and SHA_RE.match(revision):
         return revision
-    online_error = None
+    failure = None
     if not _offline():
         try:
             from huggingface_hub import HfApi
 
-            sha = HfApi().model_info(repo_id, revision=revision, timeout=15).sha
+            api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)  # read now, not at import
+            sha = api.model_info(repo_id, revision=revision, timeout=15).sha
             if sha:
                 return sha
         except Exception as exc:  # any failure falls back to the cache, and is reported if that fails too
-            online_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            failure = exc
     cached = cached_commit(repo_id, revision)
     if cached:
-        if online_error:
+        if failure is not None:
             log.warning("model '%s': the Hub did not answer (%s); using the cached snapshot %s",
-                        repo_id, online_error, cached)
+                        repo_id, _first_line(failure), cached)
         return cached
-    how = (f"the Hub answered: {online_error}" if online_error
-           else "offline (HF_HUB_OFFLINE) and not in the local Hugging Face cache")
-    raise ValueError(
-        f"model '{repo_id}'{f' at revision {revision!r}' if revision else ''} cannot be resolved "
-        f"to a commit ({how}; cache: {_hf_cache()}); check the id and revision, log in "
-        "(`hf auth login`) and accept the licence for a gated model, or download it once "
-        "online, or point the step at a local folder"
-    )
+    at = f" at revision {revision!r}" if revision else ""
+    raise ValueError(f"model '{repo_id}'{at} cannot be resolved to a commit: {_advice(failure)} "
+                     f"(Hugging Face cache: {_hf_cache()}); or point the step at a local folder")
+
+
+def _advice(failure: Exception | None) -> str:
+    """What went wrong with the Hub, said for a person, with what to do."""
+    kind = type(failure).__name__ if failure is not None else ""
+    if failure is None:
+        return ("offline (HF_HUB_OFFLINE) and not in the local Hugging Face cache; download it "
+                "once online, or unset HF_HUB_OFFLINE")
+    if kind == "GatedRepoError":
+        return ("the repository is gated; accept its licence on the Hub and log in "
+                "(`hf auth login` or HF_TOKEN)")
+    if kind in ("RepositoryNotFoundError", "RevisionNotFoundError"):
+        what = "revision" if kind == "RevisionNotFoundError" else "model id"
+        return (f"the Hub has no such {what} (or it is private: log in with `hf auth login` or "
+                f"HF_TOKEN); check the spelling")
+    return (f"the Hub could not be reached ({kind}: {_first_line(failure)}) and the model is not "
+            "in the local Hugging Face cache; retry online, or download it once")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def cached_commit(repo_id: str, revision: str | None = None) -> str | None:
