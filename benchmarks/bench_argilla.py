@@ -1,5 +1,8 @@
 """Push N pairs to Argilla batched vs one record per request, in one run; records/s of both.
 
+Pushes go through the public SDK (``Dataset.records.log``) with tenacity retries; the
+pull line times reading the N records back with their responses (``fetch_annotations``).
+
 Starts the local dev server (``prefdata argilla serve``'s machinery) in a temporary data
 dir unless ``--url`` names a running one (then ARGILLA_API_KEY must be set). Each mode
 pushes into its own fresh dataset. The last line is the batched / single ratio.
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="a running Argilla server (default: start a local dev server)")
     args = parser.parse_args(argv)
 
-    from prefdata.argilla import PushConfig, connect, push
+    from prefdata.argilla import DatasetConfig, PushConfig, connect, fetch_annotations, push
     from prefdata.argilla_dev import server
 
     data_dir = None
@@ -78,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result.seconds:7.1f} s  {result.records_per_second:8.1f} records/s")
         again = push(pairs, PushConfig(dataset=f"bench-batched-{suffix}", batch_size=args.batch_size), client=client)
         print(f"re-push  {again.created} created, {again.already_present} already present, {again.seconds:.1f} s")
+        start = time.perf_counter()
+        annotations = fetch_annotations(DatasetConfig(dataset=f"bench-batched-{suffix}"), client)
+        seconds = time.perf_counter() - start
+        print(f"pull     {annotations.num_rows} records read back in {seconds:.1f} s "
+              f"({annotations.num_rows / seconds:.0f} records/s)")
+        print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         ratio = results["batched"].records_per_second / results["single"].records_per_second
         print(f"ratio batched/single: {ratio:.1f}x")
     finally:
