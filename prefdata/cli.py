@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
         if args.verbose:
             raise
-        print(f"prefdata: error: {exc}", file=sys.stderr)
+        summary = getattr(exc, "summary", None)  # a worker's error: its traceback only with -v
+        if summary and getattr(exc, "worker_traceback", ""):
+            print(f"prefdata: error: {summary}\n(run with -v to see the worker's traceback)", file=sys.stderr)
+        else:
+            print(f"prefdata: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -24,6 +24,7 @@ def plan_pipeline(pipeline) -> list[dict]:
     labels = pipeline.labels()
     out = []
     recompute_upstream = False
+    content_upstream = False  # an earlier step computes different rows for the same prompts
     for i, (step, step_dir, fp) in enumerate(zip(pipeline.steps, dirs, fps)):
         forced = pipeline.force_from is not None and i >= pipeline.force_from
         marker = None if forced else shards.read_marker(step_dir)
@@ -41,17 +42,29 @@ def plan_pipeline(pipeline) -> list[dict]:
             else:
                 entry["reasons"] += change_reasons(step_dir, parts[i], parts, i)
             stored = _stored_prompts(pipeline, i)
-            if stored and not forced:
+            if stored and not forced and not content_upstream:
                 entry["status"] = "partly cached"
                 entry["reasons"].append(
-                    f"the prompt store holds {stored} prompt(s) computed with this step's config and "
-                    "models; only prompts not among them (by content) are computed")
+                    f"prompt store: {stored} prompt(s) done with this config and models; only the others compute")
+            elif stored and not forced:
+                entry["reasons"].append(
+                    f"prompt store: {stored} prompt(s) done with this config and models, but an earlier step "
+                    "changes their input, so few if any will match")
             entry["models"] = _models(step, parts[i])
         if recompute_upstream and marker is None and not entry["reasons"]:
             entry["reasons"].append("input change (an earlier step recomputes)")
         recompute_upstream = recompute_upstream or marker is None
+        content_upstream = content_upstream or forced or any(_changes_content(r) for r in entry["reasons"])
         out.append(entry)
     return out
+
+
+def _changes_content(reason: str) -> bool:
+    """Whether a reason changes the rows of prompts already computed (a larger --limit or
+    another shard_size does not)."""
+    if reason.startswith("config change: "):
+        return any(not c.startswith("limit ") for c in reason.removeprefix("config change: ").split("; "))
+    return reason.startswith(("model change", "version change", "input change (the input files"))
 
 
 def change_reasons(step_dir: Path, parts: dict, all_parts: list[dict], index: int) -> list[str]:

@@ -28,6 +28,12 @@ COMMON_HELP = {  # options many steps share, when the step says nothing more spe
     "model_options": "extra backend options, e.g. base_url and api_key_env for backend api",
     "trust_remote_code": "run code shipped with a Hub model (off by default)",
     "limit": "read only the first N distinct prompts",
+    "n": "how many (for sample: replies per prompt)",
+    "temperature": "sampling temperature (0: greedy)",
+    "top_p": "nucleus sampling: smallest token set with this probability mass",
+    "max_new_tokens": "longest reply, in tokens",
+    "min_margin": "no pair whose score margin is below this",
+    "append": "add replies to a response table (another generator or temperature)",
 }
 
 

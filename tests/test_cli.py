@@ -96,7 +96,7 @@ def test_dry_run_says_what_and_why_then_run_and_force(capsys, recipe, tmp_path):
     rc, out, _ = cli(capsys, "run", str(recipe), "--dry-run")
     assert "config change: limit 3 -> None" in out
     assert re.search(r"^sample +[0-9a-f]{16} +partly cached$", out, re.M)
-    assert "the prompt store holds 3 prompt(s)" in out
+    assert "prompt store: 3 prompt(s) done with this config and models; only the others compute" in out
 
     rc, out, _ = cli(capsys, "run", str(recipe), "--in-process", "--no-progress", "--limit", "3", "--force", "sample")
     assert rc == 0 and re.search(r"^sample .* 0/2 .* prompts_computed=3, prompts_reused=0$", out, re.M)

@@ -38,11 +38,22 @@ PROGRESS_ENV = {  # environment switches of the libraries' own progress bars
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "TQDM_DISABLE": "1",
+    "PREFDATA_NO_PROGRESS": "1",  # prefdata's own backends (prefdata.models.progress_disabled)
 }
 
 
 class WorkerError(RuntimeError):
-    """A step failed (or was killed) in its worker process."""
+    """A step failed (or was killed) in its worker process.
+
+    ``str()`` is the whole story (message and the worker's traceback); ``summary`` is the
+    message alone, for a terminal that shows tracebacks only with ``-v``.
+    """
+
+    def __init__(self, summary: str, worker_traceback: str = ""):
+        text = summary if not worker_traceback else f"{summary}\n\ntraceback in the worker:\n{worker_traceback}"
+        super().__init__(text)
+        self.summary = summary
+        self.worker_traceback = worker_traceback
 
 
 def in_process_default() -> bool:
@@ -183,10 +194,8 @@ def _result(name: str, process, message) -> Any:
         return message[1]
     if message is not None and message[0] == "error":
         _, kind, text, trace = message
-        raise WorkerError(
-            f"step '{name}' failed in its worker process (pid {process.pid}): {kind}: {text}\n\n"
-            f"traceback in the worker:\n{trace.rstrip()}"
-        )
+        raise WorkerError(f"step '{name}' failed in its worker process (pid {process.pid}): {kind}: {text}",
+                          trace.rstrip())
     code = process.exitcode
     if code is not None and code < 0:
         try:

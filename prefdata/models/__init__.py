@@ -1,8 +1,11 @@
 """Language-model backends behind one protocol, and a process-level cache of loaded models.
 
-Steps ask ``load_model`` for a model by name; two steps (or the strong and weak side of
-one step) that name the same model, backend, device and dtype share one copy of the
-weights. ``backend="api"`` talks to an OpenAI-compatible chat-completions server (vLLM,
+Steps ask ``load_model`` for a model by name; within a step, the strong and weak side (or
+any two callers) that name the same model, backend, device and dtype share one copy of
+the weights. The cache lives only as long as the step: the local executor runs a
+model-holding step in a worker process that exits with it, and empties the cache after
+each step when it runs in-process (``clear_cache``), so only the running step's models
+are ever in memory. ``backend="api"`` talks to an OpenAI-compatible chat-completions server (vLLM,
 TGI, a hosted API) instead of loading weights. ``load_reward_model`` does the same for
 sequence-classification reward models.
 """
@@ -115,6 +118,13 @@ def load_reward_model(
         model = copy.copy(model)
         model.batch_size = batch_size
     return model
+
+
+def progress_disabled() -> bool:
+    """True under ``--no-progress`` (``PREFDATA_NO_PROGRESS=1``): backends show no bars."""
+    import os
+
+    return os.environ.get("PREFDATA_NO_PROGRESS", "") not in ("", "0")
 
 
 def clear_cache() -> None:
