@@ -28,7 +28,7 @@ from prefdata.steps import step_class
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("PREFDATA_UPDATE_GOLDEN", "").strip() not in ("", "0")
 TOLERANCE = 1e-4
-MODULES = {"sample": "sample", "score_cdr": "cdr", "score_rm": "reward", "judge_rubric": "judge",
+MODULES = {"sample": "sample", "score_cdr": "cdr", "score_rm": "reward", "score_flr": "flr", "judge_rubric": "judge",
            "judge_pairwise": "judge", "rationale": "rationale", "ches": "ches", "score_flr": "flr"}
 
 PROMPTS = ["Name a fruit.", "How many legs does a spider have?"]
@@ -70,6 +70,7 @@ CASES = {
                     backend="transformers", device="cpu"), prompts),
     "score_cdr": (dict(strong="tiny-lm", weak="tiny-lm-2", device="cpu", backend="transformers"), responses),
     "score_rm": (dict(model="tiny-rm", device="cpu"), responses),
+    "score_flr": (dict(model="tiny-lm", device="cpu", backend="transformers"), responses),
     "judge_rubric": (dict(model="tiny-lm", max_new_tokens=16, max_attempts=2, backend="transformers",
                           device="cpu"), responses),
     "judge_pairwise": (dict(model="tiny-lm", max_new_tokens=16, max_attempts=2, backend="transformers",
