@@ -210,6 +210,21 @@ def test_every_model_holding_step_has_a_case():
     assert holding <= set(CASES), f"add golden cases for {sorted(holding - set(CASES))}"
 
 
+def test_a_step_that_loads_a_model_declares_it():
+    """``models()`` feeds the fingerprint and the worker-process decision: a step that loads
+    weights without declaring them would cache across model changes."""
+    import inspect
+    import re
+
+    from prefdata.step import Step
+    from prefdata.steps import STEPS
+
+    undeclared = [name for name in STEPS
+                  if re.search(r"load_(reward_)?model\(|from_pretrained\(", inspect.getsource(step_class(name)))
+                  and step_class(name).models is Step.models]
+    assert not undeclared, f"steps {undeclared} load models but do not override Step.models()"
+
+
 # -- the checker itself, on literal values ---------------------------------------------------
 ENTRY = {"columns": ["x", "s"], "rows": [{"x": 1.0, "s": "a"}], "counts": {"n": 1}, "quarantine": None}
 
