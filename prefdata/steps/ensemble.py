@@ -120,7 +120,7 @@ class Ensemble(GlobalStep):
         frame = frame.drop([c for c in self.new_columns() if c in names])
         if self.config.combine == "harmonic" and self.config.rescale == "none":
             _check_positive(frame, self.config)
-        df = frame.with_columns(ensemble_columns(self.config)).collect()
+        df = ensemble_frame(frame, self.config).collect()
         n = self.config.name
         counts = {f"{n}_rows": df.height,
                   f"{n}_null": int(df.get_column(f"score_{n}").null_count())}
@@ -216,17 +216,29 @@ def _check_positive(frame: pl.LazyFrame, cfg: EnsembleConfig) -> None:
                          "are <= 0; set rescale: minmax (to [0, 1] over the standardize scope) or sigmoid")
 
 
+def ensemble_frame(frame: pl.LazyFrame, cfg: EnsembleConfig) -> pl.LazyFrame:
+    """The frame with the ensemble columns. Standardised members are materialised first, so
+    that a per-prompt quantile of them (``.over``) does not re-standardise within the prompt."""
+    staged = []
+    for m in cfg.members:
+        z, scale = _standardised(cfg, m)
+        staged += [z.alias(f"__z_{m}"), scale.alias(f"__s_{m}")]
+    temp = [c for m in cfg.members for c in (f"__z_{m}", f"__s_{m}")]
+    return frame.with_columns(staged).with_columns(ensemble_columns(cfg)).drop(temp)
+
+
 def ensemble_columns(cfg: EnsembleConfig) -> list[pl.Expr]:
-    """Expressions for the combined score, the members' population std and the member count."""
+    """Expressions for the combined score, the members' population std and the member count,
+    over the staged ``__z_<member>`` / ``__s_<member>`` columns (``ensemble_frame``)."""
     zs, own = [], []
     refs = references(cfg)
     for m in cfg.members:
-        z, scale = _standardised(cfg, m)
+        z, scale = pl.col(f"__z_{m}"), pl.col(f"__s_{m}")
         if cfg.transform == "logsigmoid_centered":
             z = _log_sigmoid(z - _reference(cfg, m, refs[m], z))
         elif cfg.combine == "harmonic":
             z = _rescaled(cfg, m, z)
-        zs.append(z.alias(f"__z_{m}"))
+        zs.append(z.alias(f"__u_{m}"))
         if cfg.member_std:
             own.append(((pl.col(f"{m}_std").cast(pl.Float64).fill_nan(None) / scale) ** 2).alias(f"__v_{m}"))
     count = pl.sum_horizontal([z.is_not_null().cast(pl.Int64) for z in zs])

@@ -178,3 +178,16 @@ def test_bad_harmonic_and_transform_options_name_step_and_option():
             reference={"score_rm": "ref_rm", "score_cdr": "quantile:0.5"})
     with pytest.raises(ValueError, match="only apply to combine: harmonic"):
         Ensemble(members=["score_a", "score_b"], harmonic_lambda=0.5)
+
+
+def test_prompt_quantile_reference_after_global_standardisation():
+    # the quantile is taken of the globally standardised values, not re-standardised per prompt
+    got, _ = run(members=["score_rm", "score_cdr"], transform="logsigmoid_centered", reference="quantile:0.85",
+                 combine="sum", name="t")
+    expected = np.zeros(5)
+    groups = np.array(TABLE["prompt_id"])
+    for m in ("score_rm", "score_cdr"):
+        zm = z(TABLE[m])
+        ref = np.array([np.quantile(zm[groups == p], 0.85) for p in groups])
+        expected += _logsigmoid(zm - ref)
+    np.testing.assert_allclose(got["score_t"], expected, atol=1e-12)
