@@ -97,7 +97,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: Trai
     final, tmp = folder / f"step-{step:07d}", folder / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    save_weights(model, tmp / "model.safetensors")
     opt = optimizer.state_dict()
     tensors = {f"{i}.{k}": v.contiguous() for i, s in opt["state"].items() for k, v in s.items()}
     tensors["rng.torch"] = torch.get_rng_state()
@@ -115,6 +115,27 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: Trai
     os.replace(tmp, final)
     rotate(folder, run["run_id"], cfg.keep_checkpoints, final)
     return final
+
+
+def save_weights(model, path: Path) -> None:
+    """Every weight, or with frozen ones (a LoRA base) only the trainable ones: the base is
+    the policy model, whose identity a resume checks."""
+    if all(p.requires_grad for p in model.parameters()):
+        save_model(model, str(path))
+    else:
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, str(path))
+
+
+def load_weights(model, path: Path) -> None:
+    if all(p.requires_grad for p in model.parameters()):
+        load_model(model, str(path))
+        return
+    tensors = load_file(str(path))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != trainable:
+        raise ValueError(f"{path}: holds {len(tensors)} tensors, the model has {len(trainable)} trainable ones; "
+                         "the checkpoint is from another adapter setup")
+    model.load_state_dict(tensors, strict=False)
 
 
 def rotate(folder: Path, run_id: str, keep: int, newest: Path) -> list[Path]:
@@ -135,7 +156,7 @@ def _run_of(ckpt: Path) -> str | None:
 
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, dict]:
     state = read_state(ckpt)
-    load_model(model, str(ckpt / "model.safetensors"))
+    load_weights(model, ckpt / "model.safetensors")
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     per_param: dict[int, dict] = {}
     for key, value in tensors.items():

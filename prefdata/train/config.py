@@ -68,6 +68,9 @@ class TrainConfig:
     packing: Literal["auto", "on", "off"] = "auto"  # prefix sharing, checked against unpacked log-probs
                                         # at start: auto falls back to unpacked, on refuses
     keep_dropout: bool = False          # False: dropout off in the policy (as TRL does)
+    lora_r: int = 0                     # > 0: train a LoRA adapter of this rank (pip install prefdata[peft])
+    lora_alpha: float = 16.0
+    lora_target_modules: list[str] | None = None  # None: every linear layer but the head
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     seed: int = 0
 
@@ -176,7 +179,7 @@ def check_schedule(cfg: TrainConfig) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ValueError(f"train config: '{name}' must be in [0, 1), got {getattr(cfg, name)}")
-    for name in ("weight_decay", "max_grad_norm", "rpo_alpha", "pro_sft_weight"):
+    for name in ("weight_decay", "max_grad_norm", "rpo_alpha", "pro_sft_weight", "lora_r"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"train config: '{name}' must be >= 0, got {getattr(cfg, name)}")
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from prefdata.train.adapters import backbone
+
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
@@ -95,6 +97,7 @@ def response_logps(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tens
     Only the positions that predict response tokens go through the LM head (the prompt's
     logits are never formed), and log-softmax is taken as logit − logsumexp.
     """
+    model = backbone(model)
     attn = model.config._attn_implementation
     if attn not in SUPPORTED_ATTENTION:
         raise ValueError(

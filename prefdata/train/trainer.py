@@ -27,6 +27,7 @@ import torch
 from prefdata.io import write_json
 from prefdata.models.hub import load_causal_lm, resolve
 from prefdata.train import losses, robust
+from prefdata.train.adapters import add_lora, require_peft
 from prefdata.train.checkpoints import (check_resumable, load_checkpoint, new_run_id, open_run_folder, read_state,
                                         run_identity, save_checkpoint, save_final)
 from prefdata.train.config import TrainConfig, as_dict, config_from, parse_set, read_recipe
@@ -87,6 +88,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
 
     # ---- setup: refuse to mix runs before anything is loaded -----------------------------
     out = Path(cfg.output)
+    if cfg.lora_r:
+        require_peft()
     ckpt = open_run_folder(out, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -140,6 +143,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
         log.info("reference log-probs: cache %s (%s)", info["reference_cache"], info["reference_cache_path"])
     write_json({"config": as_dict(cfg), "data": examples.stats, **run, "train_examples": len(train_idx),
                 "eval_examples": len(eval_idx), "total_steps": total_steps, **info}, out / "run.json")
+    if cfg.lora_r:  # after the reference pass: the reference is the base without the adapter
+        model = add_lora(model, cfg)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
 
