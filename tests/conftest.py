@@ -17,8 +17,12 @@ def make_tiny_llama(path: str | Path, seed: int = 0, *, hidden_size: int = 64, l
                     **config_overrides) -> str:
     """Save a random Llama with SmolLM2's tokenizer to ``path`` (safetensors) and return it.
 
-    ``head``: ``causal_lm`` or ``sequence_classification`` (a reward model).
+    ``head``: ``causal_lm`` or ``sequence_classification`` (a reward model). The weights
+    depend only on the sizes, ``init_range``, ``tie_embeddings`` and ``seed`` (torch's RNG), so
+    a test that built the same Llama by hand gets the same numbers from here.
     """
+    if head not in ("causal_lm", "sequence_classification"):
+        raise ValueError(f"head must be 'causal_lm' or 'sequence_classification', got {head!r}")
     import torch
     from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                               LlamaForSequenceClassification)
@@ -31,9 +35,10 @@ def make_tiny_llama(path: str | Path, seed: int = 0, *, hidden_size: int = 64, l
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=max_positions, tie_word_embeddings=tie_embeddings,
         initializer_range=init_range, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-        num_labels=num_labels, **config_overrides,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, **config_overrides,
     )
+    if head == "sequence_classification":
+        config.num_labels = num_labels
     torch.manual_seed(seed)
     cls = LlamaForSequenceClassification if head == "sequence_classification" else LlamaForCausalLM
     model = cls(config).eval()
