@@ -216,6 +216,26 @@ def test_an_unknown_hub_id_is_a_clean_error_naming_step_and_model(hf_cache):
         resolve_identity(ModelRef("org/tiny", revision="v9"))
 
 
+def test_the_cli_refuses_an_unknown_hub_id_before_any_work_without_a_traceback(hf_cache, tmp_path):
+    prompts = Path(__file__).parents[1] / "pipelines" / "data" / "quickstart_prompts.jsonl"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""name: typo
+steps:
+  - step: load_prompts
+    path: {prompts}
+  - step: sample
+    model: org/not-there
+    n: 1
+""")
+    out = subprocess.run([sys.executable, "-m", "prefdata.cli", "run", str(recipe), "--workdir",
+                          str(tmp_path / "work"), "--dry-run"], capture_output=True, text=True,
+                         timeout=300, env=os.environ.copy())
+    assert out.returncode != 0
+    assert "step 'sample'" in out.stderr and "'org/not-there'" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("*.parquet"))
+
+
 def test_a_missing_local_path_is_a_clean_error(tmp_path):
     with pytest.raises(ValueError, match="no such local folder"):
         Sample(model=str(tmp_path / "gone")).fingerprint()
