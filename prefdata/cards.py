@@ -221,19 +221,24 @@ def caveats(summary: dict) -> list[str]:
             one_model.setdefault(str(c.get("strong")), []).append(f"`{label}`")
     notes = []
     for model, labels in one_model.items():
-        which = labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
         notes.append(
-            f"{which} used one model ({model_link(model, detail=False)}): the density ratio compares it with "
+            f"{_join(labels)} used one model ({model_link(model, detail=False)}): the density ratio compares it with "
             "and without the criteria system prompt (criteria on the strong side only), not a strong model over a weak "
             "one as in Xu et al. 2024, \"CDR: Customizable Density Ratios of Strong-over-weak LLMs for "
             "Preference Annotation\"."
         )
+    choices: dict[str, list[str]] = {}  # the same choices on several steps: one note naming them all
     for s, label in zip(summary.get("steps", []), step_labels(summary.get("steps", []))):
         if s["step"] == "score_cdr":
             from prefdata.steps.cdr import choice_note
 
-            notes.append(choice_note(f"`{label}`", s.get("config") or {}))
+            choices.setdefault(choice_note("\0", s.get("config") or {}), []).append(f"`{label}`")
+    notes += [text.replace("\0", _join(labels), 1) for text, labels in choices.items()]
     return notes
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 # -- figures --------------------------------------------------------------------------------

@@ -206,6 +206,8 @@ def test_each_caveat_once_and_epsilon_with_its_error(copy_of):
     text = write_card(copy_of, [copy_of / DATA], summary).read_text()
     assert text.count("used one model") == 1
     assert "`score_cdr[1]`, `score_cdr[2]` and `score_cdr[3]` used one model" in text
+    assert text.count("the CDR reference code puts few-shot exemplars") == 1  # the same choices, one note
+    assert "`score_cdr[1]`, `score_cdr[2]` and `score_cdr[3]`: exemplars in the system message" in text
     quality = section(text, "Noise and quality")
     assert "ε = 0.1000 ± 0.0500 (standard error), from 40 confident pairs of 60 (step `noise[1]`)" in quality
     assert "ε = 0.2500 ± 0.0200 (standard error), from 8 confident pairs of 12 — few" in quality
