@@ -145,3 +145,31 @@ def test_train_errors_have_one_prefix(capsys, tmp_path):
                "--set", "lr=abc"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and err == "prefdata train: error: command line: option 'lr': expected a number, got 'abc'"
+
+
+def test_inspect_folder_with_different_schemas_and_a_bad_file(capsys, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    pq.write_table(pa.table({"pair_id": ["a", "b"], "score_chosen": [1.0, 3.0]}), folder / "pairs.parquet")
+    pq.write_table(pa.table({"pair_id": ["a"], "label_source": ["human"], "annotators": [["ann1"]]}),
+                   folder / "pairs_human.parquet")
+    rc, out, err = cli(capsys, "inspect", str(folder))
+    assert rc == 0, err
+    assert out.startswith(f"{folder}: 2 files with 2 different schemas; each described on its own")
+    assert f"{folder / 'pairs.parquet'}: 2 rows in 1 file(s)" in out
+    assert f"{folder / 'pairs_human.parquet'}: 1 rows in 1 file(s)" in out
+    assert "score_chosen: n=2 mean=2 std=1.414 min=1 max=3" in out
+    assert "  label_source: string" in out
+    # one schema: still one table
+    rc, out, _ = cli(capsys, "inspect", str(folder / "pairs.parquet"))
+    assert out.startswith(f"{folder / 'pairs.parquet'}: 2 rows in 1 file(s)")
+    (folder / "notes.parquet").write_text("not parquet")
+    rc, _, err = cli(capsys, "inspect", str(folder))
+    assert rc == 2 and f"{folder / 'notes.parquet'}: not a parquet file" in err
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "hi"}\n')
+    rc, _, err = cli(capsys, "inspect", str(data))
+    assert rc == 2 and f"{data}: not a parquet file" in err

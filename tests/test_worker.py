@@ -21,7 +21,7 @@ from prefdata import shards
 from prefdata.executors import LocalExecutor, make_executor
 from prefdata.executors.worker import WorkerError
 from prefdata.pipeline import Pipeline
-from prefdata.step import MapStep
+from prefdata.step import GlobalStep, MapStep
 from prefdata.steps.load_prompts import LoadPrompts
 from prefdata.steps.sample import Sample
 
@@ -202,3 +202,101 @@ def test_in_process_spellings(monkeypatch):
         make_executor("local", isolate=False)
     step = Explode()
     assert LocalExecutor(in_process=False).isolates(step) and not LocalExecutor(in_process=True).isolates(step)
+
+
+class GlobalWithModel(GlobalStep):
+    """A global step that holds a model: runs in a worker too; records where and how."""
+
+    name = "global_model"
+    Config = NoConfig
+    holds_model = True
+
+    def process(self, frame):
+        import torch
+
+        self.metadata = {"pid": os.getpid(), "torch_threads": torch.get_num_threads()}
+        return frame
+
+
+def test_global_step_with_model_runs_in_worker_with_parent_thread_count(prompt_file, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if before != 1 else 2)
+    try:
+        pipe, out = run([LoadPrompts(path=str(prompt_file)), GlobalWithModel()], tmp_path / "w", in_process=False)
+        meta = pipe.stats[1].metadata
+        assert meta["pid"] != os.getpid()
+        assert meta["torch_threads"] == torch.get_num_threads()
+        assert out.num_rows == 4
+    finally:
+        torch.set_num_threads(before)
+
+
+PARENT_SCRIPT = """
+import sys
+sys.path[:0] = {paths!r}
+from test_worker import Sleeper, LoadPrompts, run
+from pathlib import Path
+if __name__ == "__main__":
+    step = Sleeper()
+    step.pid_file = {pid_file!r}
+    run([LoadPrompts(path={prompts!r}), step], Path({workdir!r}), in_process=False)
+"""
+
+
+class Sleeper(MapStep):
+    """Writes its pid, then sleeps: a worker whose parent will be killed."""
+
+    name = "sleeper"
+    Config = NoConfig
+    holds_model = True
+    pid_file: str | None = None
+
+    def input_columns(self):
+        return ["prompt_id"]
+
+    def process(self, table):
+        import time
+
+        Path(self.pid_file).write_text(str(os.getpid()))
+        time.sleep(120)
+        return table
+
+
+def test_worker_dies_with_its_parent(prompt_file, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_SCRIPT.format(paths=[str(Path(__file__).parent)] + sys.path, pid_file=str(pid_file),
+                                           prompts=str(prompt_file), workdir=str(tmp_path / "w")))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists():
+            assert parent.poll() is None, parent.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.1)
+        time.sleep(0.2)
+        worker = int(pid_file.read_text())
+        assert worker != parent.pid
+        parent.kill()  # SIGKILL: no cleanup code of the parent runs
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker), "the worker outlived its killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

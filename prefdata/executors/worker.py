@@ -13,6 +13,10 @@ signal, and the shards it finished stay on disk for the next run to reuse. The w
 dies with its parent (``PR_SET_PDEATHSIG`` on Linux, and a thread that watches the
 parent's pid everywhere), and it gets the parent's torch thread count.
 
+As with every ``spawn`` process (PyTorch's DataLoader workers too), the worker imports the
+main script again: a script that runs a pipeline does so under ``if __name__ ==
+"__main__":``.
+
 ``PREFDATA_IN_PROCESS=1`` (or the local executor's ``in_process: true``, or
 ``prefdata run --in-process``) runs everything in the calling process instead: for
 tests, debuggers and profilers.
@@ -207,8 +211,11 @@ def _result(name: str, process, message) -> Any:
             f"step '{name}': its worker process (pid {process.pid}) was killed by {sig}{hint}; the shards it "
             "finished are kept, run again to resume"
         )
-    raise WorkerError(f"step '{name}': its worker process (pid {process.pid}) exited with code {code} "
-                      "without a result; the shards it finished are kept, run again to resume")
+    raise WorkerError(
+        f"step '{name}': its worker process (pid {process.pid}) exited with code {code} without a result "
+        "(see its messages above); the shards it finished are kept, run again to resume. A worker process "
+        "imports the main script again: a script that runs a pipeline must do so under "
+        "'if __name__ == \"__main__\":' (or set PREFDATA_IN_PROCESS=1)")
 
 
 # -- in the child ---------------------------------------------------------------------------
