@@ -109,9 +109,11 @@ def score_figure(chosen: np.ndarray, rejected: np.ndarray, xlabel: str):
     return fig
 
 
-def histogram_figure(values: np.ndarray, xlabel: str, title: str, noun: str = "pairs"):
+def histogram_figure(values: np.ndarray, xlabel: str, title: str, noun: str = "pairs", bins=None):
     fig, ax = _figure()
-    ax.hist(values, bins=_bins(values), color=HIST, edgecolor="white", linewidth=0.6)
+    bins = _bins(values) if bins is None else bins
+    ax.hist(values, bins=bins, color=HIST, edgecolor="white", linewidth=0.6)
+    ax.set_xlim(bins[0], bins[-1])
     ax.set_title(f"{title} (n={len(values)})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(noun)
@@ -161,7 +163,8 @@ def pair_figures(frame: pl.LazyFrame, columns: list[str], summary: dict, score: 
     }
     for c, (xlabel, title) in labels.items():
         if c in wanted and len(values(c)):
-            figures[c] = histogram_figure(values(c), xlabel, title)
+            bins = np.linspace(0.0, 1.0, 21) if c == "flip_prob" else None  # a probability: its whole range
+            figures[c] = histogram_figure(values(c), xlabel, title, bins=bins)
     return figures
 
 

@@ -265,6 +265,12 @@ def test_plots_name_the_score_and_its_unit(outdir):
         assert all(float(t).is_integer() for t in fig.axes[0].get_yticks())
 
 
+def test_flip_probability_is_shown_on_its_whole_range(outdir):
+    frame = pl.scan_parquet(outdir / DATA).with_columns(flip_prob=pl.lit(0.3))
+    fig = pair_figures(frame, frame.collect_schema().names(), {}, None)["flip_prob"]
+    assert fig.axes[0].get_xlim() == (0.0, 1.0)
+
+
 def test_one_bar_per_step_even_when_names_repeat():
     steps = [{"step": "load_prompts"}, {"step": "score_cdr"}, {"step": "score_cdr"}, {"step": "build_pairs"}]
     labels = step_labels(steps)
