@@ -35,7 +35,8 @@ def _tmp_path(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        if hasattr(os, "fchmod"):  # POSIX (Windows has no mode bits to fix)
+            os.fchmod(fd, 0o666 & ~_umask())
     finally:
         os.close(fd)
     return Path(tmp)
