@@ -147,8 +147,7 @@ def pair_figures(frame: pl.LazyFrame, columns: list[str], summary: dict, score: 
     data = frame.select(wanted).collect()
 
     def values(c):
-        s = data[c].drop_nulls()
-        return (s.drop_nans() if s.dtype.is_float() else s).to_numpy().astype(float)
+        return finite(data[c])
 
     figures = {}
     if "score_chosen" in wanted and "score_rejected" in wanted:
@@ -178,11 +177,16 @@ def response_figures(frame: pl.LazyFrame, columns: list[str], summary: dict) -> 
     for c in scores:
         if not data[c].dtype.is_numeric():
             continue
-        v = data[c].drop_nulls()
-        v = (v.drop_nans() if v.dtype.is_float() else v).to_numpy().astype(float)
+        v = finite(data[c])
         if len(v):
             figures[c] = histogram_figure(v, labelled(c, score_unit(c, summary)), c, noun="responses")
     return figures
+
+
+def finite(series: pl.Series) -> np.ndarray:
+    """The plottable values: nulls, NaN and ±inf (a failed score) left out."""
+    values = series.drop_nulls().to_numpy().astype(float)
+    return values[np.isfinite(values)]
 
 
 def write_plots(folder: Path, frame: pl.LazyFrame, columns: list[str], summary: dict,

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from datasets import load_dataset
 
-from prefdata.card_plots import pair_figures, score_figure, step_labels, steps_figure
+from prefdata.card_plots import pair_figures, response_figures, score_figure, step_labels, steps_figure
 from prefdata.cards import card_for_folder, check_hub_layout, public_summary, size_category, write_card
 from prefdata.pipeline import Pipeline
 from prefdata.step import MapStep
@@ -269,6 +269,12 @@ def test_flip_probability_is_shown_on_its_whole_range(outdir):
     frame = pl.scan_parquet(outdir / DATA).with_columns(flip_prob=pl.lit(0.3))
     fig = pair_figures(frame, frame.collect_schema().names(), {}, None)["flip_prob"]
     assert fig.axes[0].get_xlim() == (0.0, 1.0)
+
+
+def test_failed_scores_are_left_out_of_the_plots():
+    frame = pl.LazyFrame({"score_rm": [1.0, None, float("nan"), float("-inf"), 2.5]})
+    fig = response_figures(frame, ["score_rm"], {})["score_rm"]
+    assert fig.axes[0].get_title() == "score_rm (n=2)" and fig.axes[0].get_xlabel() == "score_rm (reward)"
 
 
 def test_one_bar_per_step_even_when_names_repeat():
