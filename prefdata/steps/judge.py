@@ -74,6 +74,9 @@ class JudgePairwiseConfig(JudgeConfig):
 
 class _Judge(MapStep):
     model = None
+    # The sampling seed comes from the shard's rows (_row_key), so a prompt's retried verdicts
+    # depend on its shard: no per-prompt reuse across --limit / shard_size (prefdata.prompt_store).
+    prompt_local = False
 
     def check(self) -> None:
         from prefdata.models import check_backend

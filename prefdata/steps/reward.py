@@ -51,6 +51,11 @@ class ScoreRM(MapStep):
     """Writes ``score_<name>`` (and ``score_<name>_std`` with MC dropout) per reward model."""
 
     name = "score_rm"
+
+    @property
+    def prompt_local(self) -> bool:
+        """MC-dropout masks are seeded from the shard's responses: no per-prompt reuse then."""
+        return not self.config.mc_dropout
     Config = ScoreRMConfig
     loaded: list | None = None  # the loaded reward models (``models()`` names them)
 
