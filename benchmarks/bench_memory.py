@@ -169,6 +169,10 @@ def main() -> None:
     if args.child:
         return child(args.child, args.workdir, args.strong, args.weak, args.prompts, args.events)
 
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        raise SystemExit("bench_memory samples memory with psutil: pip install psutil") from None
     from prefdata.models.hub import SMOLLM2, resolve
 
     cache = Path(tempfile.gettempdir()) / "prefdata-bench-memory"
