@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from prefdata.argilla.client import ArgillaError, connect, quiet_sdk_logs
+from prefdata.argilla.client import ArgillaError, connect, quiet_sdk_logs, status_of
 from prefdata.argilla.dataset import DatasetConfig
 from prefdata.argilla.pull import PullConfig, pull
 from prefdata.argilla.push import PushConfig, push
@@ -32,6 +32,14 @@ def cli_main(argv: list[str]) -> int:
         return args.func(args)
     except (ArgillaError, ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
         print(f"prefdata argilla: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # an SDK error with an HTTP status (e.g. 403 for a role that may not do this)
+        status = status_of(exc)
+        if status is None or args.verbose:
+            raise
+        detail = str(exc).split("Details: ", 1)[-1][:300]
+        print(f"prefdata argilla: error: {args.command}: the Argilla server answered HTTP {status}: {detail} "
+              "(403: the API key's user lacks the role for this; use an owner's key)", file=sys.stderr)
         return 2
 
 

@@ -29,6 +29,10 @@ def test_users_add_list_remove_from_the_cli(argilla_server, capsys, monkeypatch,
     me = httpx.get(f"{argilla_server.url}/api/v1/me",
                    headers={"Authorization": f"Bearer {token.json()['access_token']}"}).json()
     assert me["role"] == "annotator"
+    with monkeypatch.context() as m:  # an annotator's key may not manage users: a clean error, no traceback
+        m.setenv("ARGILLA_API_KEY", me["api_key"])
+        assert cli_main(["users", "list"]) == 2
+        assert "users: the Argilla server answered HTTP 403" in capsys.readouterr().err
 
     assert cli_main(["users", "add", "alice-cli"]) == 2
     assert "user 'alice-cli' already exists" in capsys.readouterr().err
