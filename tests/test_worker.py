@@ -300,3 +300,41 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+class Chatty(MapStep):
+    """Logs from the worker, and shows a progress bar there."""
+
+    name = "chatty"
+    Config = NoConfig
+    holds_model = True
+
+    def input_columns(self):
+        return ["prompt_id"]
+
+    def process(self, table):
+        import logging
+
+        logging.getLogger("prefdata.test").info("hello from pid %d", os.getpid())
+        logging.getLogger("httpx").info("an HTTP line that stays hidden")
+        return table
+
+
+def test_worker_logs_and_bars_reach_the_terminal(prompt_file, tmp_path, capfd, monkeypatch):
+    import logging
+
+    root = logging.getLogger()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("W %(levelname)s %(name)s: %(message)s"))
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(root, "level", logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    pipe = Pipeline([LoadPrompts(path=str(prompt_file)), Chatty()], workdir=tmp_path / "w", shard_size=2,
+                    progress=True, card=False, executor=LocalExecutor(in_process=False))
+    pipe.run()
+    err = capfd.readouterr().err
+    lines = [l for l in err.splitlines() if "hello from pid" in l]
+    assert len(lines) == 2 and "W INFO prefdata.test: hello from pid" in lines[0]  # after the bar's \r
+    assert int(lines[0].rsplit(" ", 1)[1]) != os.getpid()
+    assert "an HTTP line" not in err
+    assert "chatty: 100%" in err  # the worker's progress bar

@@ -104,6 +104,7 @@ class WorkerSettings:
     torch_threads: int | None = None
     progress: bool = True
     env: dict[str, str] = field(default_factory=dict)
+    logger_levels: dict[str, int] = field(default_factory=dict)  # e.g. httpx kept at WARNING
 
     @classmethod
     def from_parent(cls, progress: bool = True) -> "WorkerSettings":
@@ -116,12 +117,16 @@ class WorkerSettings:
         threads = None
         if "torch" in sys.modules:
             threads = sys.modules["torch"].get_num_threads()
+        levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items()
+                  if isinstance(lg, logging.Logger) and lg.level != logging.NOTSET}
         return cls(log_level=root.level if root.handlers else logging.WARNING, log_format=fmt,
-                   torch_threads=threads, progress=progress)
+                   torch_threads=threads, progress=progress, logger_levels=levels)
 
     def apply(self) -> None:
         os.environ.update(self.env)
         logging.basicConfig(level=self.log_level, format=self.log_format or logging.BASIC_FORMAT)
+        for name, level in self.logger_levels.items():
+            logging.getLogger(name).setLevel(level)
         if not self.progress:
             silence_progress_bars()
         if self.torch_threads:
