@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from prefdata.rso import rso_accept, rso_pairs
+from prefdata.rso import rso_accept, rso_accepted, rso_pairs
 
 P_SFT = np.array([0.35, 0.25, 0.2, 0.15, 0.05])
 REWARD = np.array([-1.0, 0.0, 0.5, 1.5, 2.0])
@@ -36,6 +36,27 @@ def test_accepted_samples_follow_the_optimal_policy(beta):
     assert np.all(np.abs(share - target) < 4 * np.sqrt(target * (1 - target) / counts.sum()))
     # the test can fail: the same draws are far from π_sft itself
     assert chi2(counts, P_SFT) > 10 * CHI2_999[4]
+
+
+@pytest.mark.parametrize("beta", [0.5, 2.0])
+def test_all_prompts_at_once_follow_the_optimal_policy(beta):
+    """The vectorised form (hash-derived draws, every prompt of a shard in one pass) too."""
+    from prefdata.pairs import hash64
+
+    runs, n = 8_000, 64
+    rng = np.random.default_rng(5)
+    y = rng.choice(len(P_SFT), size=runs * n, p=P_SFT)
+    head = np.arange(runs) * n
+    ids = hash64(np.char.add("r", np.arange(runs * n).astype(str)))
+    picked = rso_accepted(REWARD[y], ids, head, head + n, hash64(np.arange(runs).astype(str)), beta, 1, seed=0)
+    assert len(picked) == runs and np.array_equal(picked // n, np.arange(runs))  # one per prompt, in order
+    counts = np.bincount(y[picked], minlength=len(P_SFT)).astype(float)
+    target = P_SFT * np.exp(REWARD / beta)
+    target /= target.sum()
+    assert chi2(counts, target) < CHI2_999[4]
+    assert chi2(counts, P_SFT) > 10 * CHI2_999[4]
+    four = rso_accepted(REWARD[y], ids, head, head + n, hash64(np.arange(runs).astype(str)), beta, 4, seed=0)
+    assert len(four) == 4 * runs and len(np.unique(four)) == 4 * runs  # without replacement
 
 
 def test_without_replacement_until_enough_are_accepted():
