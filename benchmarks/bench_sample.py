@@ -1,49 +1,129 @@
-"""The `sample` step vs a naive loop (one generate call per prompt per sample, batch 1).
+"""The `sample` step against distilabel's TransformersLLM and against the step as it was.
 
-Same 16 prompts, same settings, same SmolLM2 weights. Generated tokens are counted the
-same way for both: each decoded reply re-tokenized (padding and anything after eos never
-count). Also times the first load of the GGUF-shipped model (conversion to safetensors in
-a fresh temporary cache) against a cached load. The last line is the speed-up.
+Same prompts, N, max_new_tokens, temperature, top_p and SmolLM2 weights (float32, CPU) for
+every engine; runs alternate (ours, distilabel, baseline, forward ceiling) so a noisy
+neighbour slows them alike. Tokens are counted the same way for all: each reply's text
+re-tokenized (padding, eos and anything after it never count).
 
-    python benchmarks/bench_sample.py [--threads N]
+- ours: the ``sample`` step (continuous batching, one prefill per prompt).
+- baseline: the step before it (``baseline_transformers_backend``: static batches through
+  ``model.generate``), same batch size.
+- distilabel: ``TransformersLLM.generate`` (1.5.3; the transformers text-generation
+  pipeline, one prompt at a time with ``num_return_sequences=N``), repetition penalty
+  1.0 and top_k 0 so it samples from the same distribution. A benchmark-only dependency:
+  ``pip install "distilabel[hf-transformers]==1.5.3" requests``; skipped with a message
+  when missing.
+- forward ceiling: a plain batched forward (logits at every position) over as many tokens,
+  the rate no generator can beat on this machine; each engine is also shown as a share of
+  it.
+
+The prompt mix: half ask for a single word or number (replies of ~2-10 tokens), half for a
+paragraph (replies that run to ``max_new_tokens``), so a static batch keeps computing
+finished short rows while its long rows go on.
+
+    python benchmarks/bench_sample.py --threads 1 [--rounds 2] [--max-new-tokens 64] [--skip-extras]
 
 On a shared machine pass ``--threads 1``: with more torch threads than free cores, torch's
-worker threads wait on each other and every number turns to noise.
+worker threads wait on each other and every number turns to noise. The last line is the
+ratio to distilabel.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import torch
 
 from prefdata import schema
-from prefdata.models import hub, load_model
+from prefdata.models import Sampling, hub, load_model
 from prefdata.steps.sample import Sample
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "Give me three tips for sleeping better.",
-    "Explain photosynthesis to a ten-year-old.",
-    "Write a haiku about autumn.",
-    "What is 17 times 23?",
-    "Why do cats purr?",
-    "Suggest a name for a small bakery.",
-    "How do I boil an egg?",
-    "What is the difference between weather and climate?",
-    "Translate 'good morning' into Spanish.",
-    "Name two planets with rings.",
-    "What does a compiler do?",
-    "Give me a synonym for 'happy'.",
-    "How many legs does a spider have?",
-    "Describe the color blue to someone who cannot see.",
-    "What is a healthy breakfast?",
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import baseline_transformers_backend as baseline  # noqa: E402
+
+SHORT = [
+    "Answer with one word: what colour is a ripe banana?",
+    "What is 17 times 3? Reply with the number only.",
+    "Name the capital of Japan. One word.",
+    "Give me a synonym for 'happy'. One word only.",
+    "How many legs does a spider have? Just the number.",
+    "Translate 'good morning' into Spanish. Only the translation.",
+    "Which planet is called the red planet? One word.",
+    "Yes or no: is the sun a star?",
 ]
-N, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, SEED = 4, 48, 0.8, 0.95, 0
+LONG = [
+    "Write a paragraph about why people enjoy autumn.",
+    "Explain photosynthesis to a ten-year-old in a paragraph.",
+    "Describe the colour blue to someone who cannot see.",
+    "Write a short story about a lighthouse keeper.",
+    "Give me a detailed plan for learning to cook at home.",
+    "Explain how a compiler works, step by step.",
+    "Write a paragraph on the history of the bicycle.",
+    "Describe a walk through a busy market in the morning.",
+]
+N, TEMPERATURE, TOP_P, SEED, BATCH_SIZE = 4, 0.8, 0.95, 0, 16
+
+
+def conversations() -> list[list[dict]]:
+    return [[{"role": "user", "content": q}] for q in SHORT + LONG]
+
+
+def count_tokens(tokenizer, texts: list[str]) -> int:
+    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids)
+
+
+def run_ours(table: pa.Table, max_new: int) -> tuple[float, list[str]]:
+    step = Sample(n=N, temperature=TEMPERATURE, top_p=TOP_P, max_new_tokens=max_new, seed=SEED,
+                  backend="transformers", device="cpu", batch_size=BATCH_SIZE)
+    step.setup()
+    start = time.perf_counter()
+    out = step.process(table)
+    return time.perf_counter() - start, out.column("response").to_pylist()
+
+
+def run_baseline(lm, convs, max_new: int) -> tuple[float, list[str]]:
+    sampling = Sampling(temperature=TEMPERATURE, top_p=TOP_P, max_new_tokens=max_new, seed=SEED)
+    start = time.perf_counter()
+    replies = lm.generate(convs, N, sampling)
+    return time.perf_counter() - start, [t for row in replies for t in row]
+
+
+def load_distilabel():
+    """distilabel's TransformersLLM on the same local weights, or None (with the reason)."""
+    try:
+        from distilabel.models.llms import TransformersLLM
+    except ImportError as exc:
+        return None, f"distilabel is not installed ({exc}); pip install \"distilabel[hf-transformers]==1.5.3\" requests"
+    llm = TransformersLLM(model=hub.resolve(hub.SMOLLM2), torch_dtype="float32", device="cpu")
+    llm.load()
+    return llm, None
+
+
+def run_distilabel(llm, convs, max_new: int) -> tuple[float, list[str]]:
+    torch.manual_seed(SEED)
+    start = time.perf_counter()
+    outputs = llm.generate(inputs=convs, num_generations=N, max_new_tokens=max_new, temperature=TEMPERATURE,
+                           top_p=TOP_P, top_k=0, repetition_penalty=1.0, do_sample=True)
+    return time.perf_counter() - start, [t or "" for out in outputs for t in out["generations"]]
+
+
+def run_ceiling(model, tokens: int) -> tuple[float, int]:
+    """Seconds for a plain forward (logits everywhere) over about ``tokens`` tokens."""
+    width = 128
+    rows = max(1, round(tokens / width))
+    ids = torch.randint(100, 10000, (rows, width))
+    with torch.inference_mode():
+        model(ids[:1, :16])  # warm-up
+        start = time.perf_counter()
+        for row in range(0, rows, 8):
+            model(ids[row:row + 8])
+    return time.perf_counter() - start, rows * width
 
 
 def time_gguf_load() -> tuple[float, float]:
@@ -66,44 +146,9 @@ def time_gguf_load() -> tuple[float, float]:
     return first, cached
 
 
-def count_tokens(tokenizer, texts: list[str]) -> int:
-    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids)
-
-
-def run_step(table: pa.Table) -> tuple[float, list[str]]:
-    step = Sample(n=N, temperature=TEMPERATURE, top_p=TOP_P, max_new_tokens=MAX_NEW_TOKENS,
-                  seed=SEED, backend="transformers", device="cpu")
-    step.setup()
-    start = time.perf_counter()
-    out = step.process(table)
-    return time.perf_counter() - start, out.column("response").to_pylist()
-
-
-def run_naive(conversations) -> tuple[float, list[str]]:
-    lm = load_model(hub.SMOLLM2, backend="transformers", device="cpu")
-    model, tok = lm.model, lm.tokenizer
-    torch.manual_seed(SEED)
-    texts = []
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for conv in conversations:
-            ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt")
-            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-            for _ in range(N):
-                out = model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                    temperature=TEMPERATURE, top_p=TOP_P, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
-                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                )
-                texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    return time.perf_counter() - start, texts
-
-
 def time_quickstart_rerun() -> tuple[float, bool]:
     """Finish a small quickstart (3 prompts) in a temp workdir, then time the re-run."""
     import subprocess
-    import sys
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,30 +166,65 @@ def time_quickstart_rerun() -> tuple[float, bool]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each engine")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--skip-extras", action="store_true",
+                        help="skip timing the GGUF conversion and the re-run of a finished quickstart")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    first, cached = time_gguf_load()
-    print(f"smollm2 load: first (GGUF conversion) {first:.1f} s, cached {cached:.2f} s")
-    rerun_s, loaded = time_quickstart_rerun()
-    print(f"re-run of a finished quickstart: {rerun_s:.2f} s, model loaded: {loaded}")
+    print(f"load average at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} "
+          f"({os.cpu_count()} cores), torch threads={torch.get_num_threads()}")
+    if not args.skip_extras:
+        first, cached = time_gguf_load()
+        print(f"smollm2 load: first (GGUF conversion) {first:.1f} s, cached {cached:.2f} s")
+        rerun_s, loaded = time_quickstart_rerun()
+        print(f"re-run of a finished quickstart: {rerun_s:.2f} s, model loaded: {loaded}")
 
-    conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    table = pa.table(
-        {"prompt_id": [schema.prompt_id(c) for c in conversations], "prompt": conversations,
-         "source": ["bench"] * len(conversations)},
-        schema=schema.PROMPT,
-    )
-    tok = load_model(hub.SMOLLM2, backend="transformers", device="cpu").tokenizer
-    step_s, step_texts = run_step(table)
-    naive_s, naive_texts = run_naive(conversations)
-    step_tps = count_tokens(tok, step_texts) / step_s
-    naive_tps = count_tokens(tok, naive_texts) / naive_s
-    print(f"{len(QUESTIONS)} prompts x n={N}, max_new_tokens={MAX_NEW_TOKENS}, "
-          f"torch threads={torch.get_num_threads()}")
-    print(f"sample step: {count_tokens(tok, step_texts)} tokens in {step_s:.1f} s = {step_tps:.1f} tokens/s")
-    print(f"naive loop:  {count_tokens(tok, naive_texts)} tokens in {naive_s:.1f} s = {naive_tps:.1f} tokens/s")
-    print(f"ratio: {step_tps / naive_tps:.2f}x")
+    convs = conversations()
+    table = pa.table({"prompt_id": [schema.prompt_id(c) for c in convs], "prompt": convs,
+                      "source": ["bench"] * len(convs)}, schema=schema.PROMPT)
+    ours_lm = load_model(hub.SMOLLM2, backend="transformers", device="cpu")
+    tok = ours_lm.tokenizer
+    old = baseline.TransformersLM(hub.SMOLLM2, device="cpu", batch_size=BATCH_SIZE)
+    peer, why = load_distilabel()
+    if peer is None:
+        print(f"distilabel: skipped: {why}")
+
+    totals = {name: [0.0, 0] for name in ("ours", "distilabel", "baseline", "ceiling")}
+    short_lens = []
+    for _ in range(args.rounds):
+        seconds, texts = run_ours(table, args.max_new_tokens)
+        totals["ours"][0] += seconds
+        totals["ours"][1] += count_tokens(tok, texts)
+        short_lens += [len(ids) for ids in tok(texts[:len(SHORT) * N], add_special_tokens=False).input_ids]
+        if peer is not None:
+            seconds, texts = run_distilabel(peer, convs, args.max_new_tokens)
+            totals["distilabel"][0] += seconds
+            totals["distilabel"][1] += count_tokens(tok, texts)
+        seconds, texts = run_baseline(old, convs, args.max_new_tokens)
+        totals["baseline"][0] += seconds
+        totals["baseline"][1] += count_tokens(tok, texts)
+        seconds, tokens = run_ceiling(ours_lm.model, totals["ours"][1] // (_ + 1))
+        totals["ceiling"][0] += seconds
+        totals["ceiling"][1] += tokens
+
+    rate = {name: t / s for name, (s, t) in totals.items() if s > 0}
+    print(f"{len(SHORT)} one-word + {len(LONG)} paragraph prompts x n={N}, max_new_tokens={args.max_new_tokens}, "
+          f"temperature={TEMPERATURE}, top_p={TOP_P}, batch_size={BATCH_SIZE}, {args.rounds} rounds")
+    print(f"short replies: median {sorted(short_lens)[len(short_lens) // 2]} tokens (ours)")
+    labels = {"ours": "sample step (continuous)", "distilabel": "distilabel TransformersLLM",
+              "baseline": "sample step before (static)", "ceiling": "forward only (ceiling)"}
+    for name, r in rate.items():
+        seconds, tokens = totals[name]
+        print(f"{labels[name]:<28} {tokens:6d} tokens in {seconds:7.1f} s = {r:6.1f} tokens/s "
+              f"= {r / rate['ceiling']:6.1%} of the forward-only rate")
+    print(f"load average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    print(f"ratio to the step before (static batches): {rate['ours'] / rate['baseline']:.2f}x")
+    if "distilabel" in rate:
+        print(f"ratio to distilabel: {rate['ours'] / rate['distilabel']:.2f}x")
+    else:
+        print("ratio to distilabel: n/a (distilabel not installed)")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ RESPONSE = pa.schema(
     ]
 )
 
+# Written by ``sample`` beside the response columns (imported responses have none):
+# ``stop`` (eos or a stop string ended the reply) or ``length`` (cut at max_new_tokens).
+FINISH_REASON = pa.field("finish_reason", pa.string())
+
 PAIR = pa.schema(
     [
         ("pair_id", pa.string()),

@@ -1,5 +1,9 @@
 """The transformers backend: the embedded default, on CPU or one GPU.
 
+Sampling runs by continuous batching (``continuous``): ``batch_size`` slots decode
+together, a finished reply's slot takes the next waiting draw, each prompt is prefilled
+once for all of its draws, and each draw samples from its own seeded stream.
+
 Work is batched by token length so a batch pads only to its own longest member, and
 log-probabilities are computed only where a response token is predicted: the lm_head
 (vocabulary-sized) runs on those positions alone, never on the prompt.
@@ -22,7 +26,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from prefdata.models import hub
-from prefdata.models.base import Conversation, LogProb, Sampling
+from prefdata.models.base import (Conversation, Generation, LogProb, Sampling, draw_keys, draw_seed,
+                                  first_indices)
+from prefdata.models.continuous import ContinuousBatcher, DecodeSettings, Draw, StopStrings
 
 log = logging.getLogger(__name__)
 
@@ -64,44 +70,48 @@ class TransformersLM:
                 f"model '{name}' has no chat template; prefdata formats every prompt as a "
                 "conversation, so use an instruct/chat checkpoint or add a chat_template"
             )
-        self.eos_ids = _eos_ids(self.tokenizer, self.model)
+        self.eos_ids = _eos_ids(self.tokenizer, self.model, name)
         self.pad_id = self.tokenizer.pad_token_id
         self.max_length = max_length or _context_length(self.model.config)
         self.share_prompts = share_prompts
 
     # -- the protocol ---------------------------------------------------------------------
-    def generate(self, conversations: list[Conversation], n: int, sampling: Sampling) -> list[list[str]]:
-        """``n`` replies per conversation, reproducible from ``sampling.seed`` alone."""
-        import torch
+    def generate(self, conversations: list[Conversation], n: int, sampling: Sampling,
+                 keys: Sequence[str] | None = None, first_index=None) -> list[list[str]]:
+        """``n`` replies per conversation; see ``generate_replies``."""
+        replies = self.generate_replies(conversations, n, sampling, keys, first_index)
+        return [[g.text for g in row] for row in replies]
 
+    def generate_replies(self, conversations: list[Conversation], n: int, sampling: Sampling,
+                         keys: Sequence[str] | None = None, first_index=None) -> list[list[Generation]]:
+        """``n`` replies per conversation with their finish reasons, by continuous batching.
+
+        Draw k of conversation i is seeded by ``draw_seed(seed, keys[i], first_index[i] + k)``
+        (keys default to each conversation's hash), so it does not depend on the other
+        conversations of the call or on ``batch_size`` (see ``continuous``). Greedy replies
+        are all the same: one is computed per conversation.
+        """
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
         if not conversations:
             return []
-        greedy = sampling.temperature <= 0
-        draws = 1 if greedy else n  # greedy replies are all the same: compute one
-        prompts = [self._prompt_ids(c) for c in conversations]
-        for i, ids in enumerate(prompts):
-            self._check_length(i, len(ids) + sampling.max_new_tokens, "prompt + max_new_tokens")
-        # One row per (conversation, draw), a conversation's draws adjacent, longest first.
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        rows = np.repeat(order, draws)
-        texts: list[list[str]] = [[] for _ in conversations]
-        generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
-        kwargs = _generate_kwargs(sampling, self.eos_ids, self.pad_id, generator)
-        with torch.inference_mode():
-            for batch in _progress(_chunks(rows, self.batch_size), f"generate {self.name}"):
-                ids, mask = _pad([prompts[i] for i in batch], self.pad_id, left=True)
-                out = self.model.generate(
-                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs
-                )
-                new = out[:, ids.shape[1]:].tolist()
-                decoded = self.tokenizer.batch_decode(
-                    [_until_eos(t, self.eos_ids) for t in new], skip_special_tokens=True
-                )
-                for i, text in zip(batch, decoded):
-                    texts[i].append(text)
-        return [t * n if greedy else t for t in texts]
+        keys, starts = draw_keys(conversations, keys), first_indices(conversations, first_index)
+        prompts, owner = self._unique_prompts(conversations)
+        for i, u in enumerate(owner):
+            self._check_generation_length(i, len(prompts[u]) + sampling.max_new_tokens)
+        per = 1 if sampling.temperature <= 0 else n
+        draws = [Draw(owner[i], starts[i] + k, _rng(draw_seed(sampling.seed, keys[i], starts[i] + k)))
+                 for i in range(len(conversations)) for k in range(per)]
+        settings = DecodeSettings(
+            temperature=sampling.temperature, top_p=sampling.top_p,
+            max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
+            eos_ids=tuple(self.eos_ids), slots=self.batch_size,
+        )
+        stop = StopStrings(sampling.stop, self.tokenizer, sampling.min_new_tokens) if sampling.stop else None
+        with _bar(len(draws), f"generate {self.name}") as bar:
+            ContinuousBatcher(self.model, prompts, draws, settings, stop, bar).run()
+        replies = [self._reply(d, stop) for d in draws]
+        return [replies[i * per:(i + 1) * per] * (n // per) for i in range(len(conversations))]
 
     def logprobs(self, conversations: list[Conversation], responses: list[str]) -> list[LogProb]:
         """Sum and mean of log p(response token) over response tokens (eos included)."""
@@ -130,12 +140,62 @@ class TransformersLM:
                     result[i] = part if k == 0 else part.copy()
         return result
 
+    def hidden_state_sums(self, conversations: list[Conversation],
+                          responses: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``hidden_states`` summed over positions on the device (float64 ``[n, d]``), and counts.
+
+        Per-response ``[T, d]`` arrays never reach the host: each batch's states are added
+        into per-item float64 sums, ``LM_HEAD_CHUNK`` positions at a time.
+        """
+        import torch
+
+        sums, counts = None, np.zeros(len(conversations), dtype=np.int64)
+        for batch, targets, h in self._response_positions(conversations, responses, want="hidden"):
+            lens = torch.tensor([len(targets[j]) for j in range(len(batch))], device=h.device)
+            item = torch.repeat_interleave(torch.arange(len(batch), device=h.device), lens)
+            total = torch.zeros(len(batch), h.shape[-1], dtype=torch.float64, device=h.device)
+            for start in range(0, h.shape[0], LM_HEAD_CHUNK):
+                chunk = slice(start, start + LM_HEAD_CHUNK)
+                total.index_add_(0, item[chunk], h[chunk].double())
+            total = total.cpu().numpy()
+            if sums is None:
+                sums = np.zeros((len(conversations), total.shape[1]))
+            for j, owners in enumerate(batch):
+                sums[owners] = total[j]
+                counts[owners] = len(targets[j])
+        return (sums if sums is not None else np.zeros((0, 0))), counts
+
     # -- internals ------------------------------------------------------------------------
     def _prompt_ids(self, conversation: Conversation) -> list[int]:
         ids = self.tokenizer.apply_chat_template(
             list(conversation), add_generation_prompt=True, tokenize=True
         )
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def _unique_prompts(self, conversations) -> tuple[list[list[int]], list[int]]:
+        """Distinct prompt token lists, and which one each conversation uses."""
+        ids = self._prompt_ids_many(conversations)
+        index: dict[tuple, int] = {}
+        owner = [index.setdefault(tuple(p), len(index)) for p in ids]
+        return [list(p) for p in index], owner
+
+    def _reply(self, draw: Draw, stop: StopStrings | None) -> Generation:
+        text = self.tokenizer.decode(draw.tokens, skip_special_tokens=True)
+        reason = draw.finish_reason
+        if stop is not None:
+            text, cut = stop.cut(text, draw.tokens)
+            reason = "stop" if cut else reason
+        return Generation(text=text, finish_reason=reason)
+
+    def _check_generation_length(self, index: int, length: int) -> None:
+        self._check_length(index, length, "prompt + max_new_tokens")
+        window = _sliding_window(self.model.config)
+        if window is not None and length > window:
+            raise ValueError(
+                f"model '{self.name}': item {index} needs {length} tokens (prompt + "
+                f"max_new_tokens) but the model attends through a sliding window of {window}, "
+                "which sampling does not apply; shorten that item or lower max_new_tokens"
+            )
 
     def _response_ids(self, response: str) -> list[int]:
         return self.tokenizer(response, add_special_tokens=False).input_ids + [self.eos_ids[0]]
@@ -220,7 +280,7 @@ class TransformersLM:
             out = self.model.base_model(
                 input_ids=ids, attention_mask=mask,
                 position_ids=torch.arange(ids.shape[1], device=self.device).expand_as(ids),
-                past_key_values=DynamicCache(config=self.model.config), use_cache=True,
+                cache=DynamicCache(config=self.model.config), use_cache=True,
             )
             last = out.last_hidden_state[torch.arange(len(pass_groups), device=self.device), plen - 1]
             rows = sorted(((g, i) for g, items in enumerate(pass_groups) for i in items),
@@ -241,7 +301,7 @@ class TransformersLM:
                 hidden = self.model.base_model(
                     input_ids=rids, attention_mask=torch.cat([mask[group], rmask], 1),
                     position_ids=plen[group][:, None] + torch.arange(width, device=self.device)[None],
-                    past_key_values=_select_rows(out.past_key_values, group, self.model.config),
+                    cache=_select_rows(out.cache, group, self.model.config),
                     use_cache=True,
                 ).last_hidden_state
                 yield batch, torch.cat([last, hidden.reshape(-1, hidden.shape[-1])])[index]
@@ -277,55 +337,6 @@ class TransformersLM:
 
 
 # -- helpers ------------------------------------------------------------------------------
-def _generate_kwargs(sampling: Sampling, eos_ids: list[int], pad_id: int, generator) -> dict:
-    """Explicit settings, so a checkpoint's generation_config (top_k, penalties) can't leak in.
-
-    Sampling goes through ``NucleusSampler`` and greedy search: it draws from its own
-    generator (no global RNG) and avoids a full-vocabulary sort and multinomial per step.
-    """
-    from transformers import LogitsProcessorList
-
-    kwargs = dict(
-        max_new_tokens=sampling.max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
-        num_beams=1, repetition_penalty=1.0, do_sample=False,
-        temperature=None, top_p=None, top_k=None,
-    )
-    if sampling.temperature > 0:
-        sampler = NucleusSampler(sampling.temperature, sampling.top_p, generator)
-        kwargs["logits_processor"] = LogitsProcessorList([sampler])
-    return kwargs
-
-
-class NucleusSampler:
-    """Temperature + top-p sampling as a logits processor that returns a one-hot choice.
-
-    Same distribution as transformers' top-p (keep a token while the mass ranked above it
-    is below ``top_p``), but computed on the top ``candidates`` tokens when they already
-    hold ``top_p`` of the mass, which on CPU is ~20x cheaper than sorting the vocabulary.
-    """
-
-    def __init__(self, temperature: float, top_p: float, generator, candidates: int = 256):
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        self.temperature, self.top_p = temperature, top_p
-        self.generator, self.candidates = generator, candidates
-
-    def __call__(self, input_ids, scores):
-        import torch
-
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
-        if self.top_p >= 1:
-            token = torch.multinomial(probs, 1, generator=self.generator)
-        else:
-            top, idx = probs.topk(min(self.candidates, probs.shape[-1]), dim=-1)
-            if bool((top.sum(-1) < self.top_p).any()):
-                top, idx = probs.sort(dim=-1, descending=True)
-            above = top.cumsum(-1) - top
-            top = top.masked_fill(above >= self.top_p, 0.0)
-            token = idx.gather(-1, torch.multinomial(top, 1, generator=self.generator))
-        return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
-
-
 def _predicting_positions(prompt_lens: Sequence[int], answer_lens: Sequence[int]):
     """(row, column) of every position whose next token is a response token."""
     import torch
@@ -385,13 +396,6 @@ def _pad(seqs: list[list[int]], pad_id: int, left: bool):
     return ids, mask
 
 
-def _until_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
-    for k, t in enumerate(tokens):
-        if t in eos_ids:
-            return tokens[:k]
-    return tokens
-
-
 def _chunks(items: Sequence[int], size: int) -> list[list[int]]:
     items = list(items)
     return [items[k:k + size] for k in range(0, len(items), size)]
@@ -400,10 +404,27 @@ def _chunks(items: Sequence[int], size: int) -> list[list[int]]:
 def _progress(batches: list, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2)
+    from prefdata.models import progress_disabled
+
+    return tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2 or progress_disabled())
 
 
-def _eos_ids(tokenizer, model) -> list[int]:
+def _bar(total: int, desc: str):
+    """A bar counting finished draws (hidden for a single one, and under ``--no-progress``)."""
+    from tqdm.auto import tqdm
+
+    from prefdata.models import progress_disabled
+
+    return tqdm(total=total, desc=desc, leave=False, disable=total < 2 or progress_disabled())
+
+
+def _rng(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def _eos_ids(tokenizer, model, name: str) -> list[int]:
     """The tokenizer's eos first (it ends scored responses), then any the model adds."""
     ids = [tokenizer.eos_token_id]
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -411,7 +432,11 @@ def _eos_ids(tokenizer, model) -> list[int]:
         if t is not None and t not in ids:
             ids.append(int(t))
     if ids[0] is None:
-        raise ValueError("the tokenizer has no eos token; generation could not stop")
+        raise ValueError(
+            f"model '{name}': the tokenizer has no eos token, so replies could not end and "
+            "responses could not be scored; set tokenizer.eos_token (and save it with the "
+            "model) or use a chat model that defines one"
+        )
     return ids
 
 

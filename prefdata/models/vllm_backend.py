@@ -1,7 +1,10 @@
 """The vLLM backend: the same protocol on a CUDA GPU, for sampling at scale.
 
 Prompts are templated with the model's own tokenizer and passed as token ids, so vLLM
-and the transformers backend see exactly the same tokens. Log-probabilities come from
+and the transformers backend see exactly the same tokens. Each draw is its own request
+with ``SamplingParams(seed=draw_seed(seed, key, sample_index))``, so a prompt's replies do
+not depend on the other requests of a call; vLLM's prefix caching computes the shared
+prompt once for its N draws. Log-probabilities come from
 ``prompt_logprobs`` over the prompt+response sequence, prompt positions excluded.
 ``generate(..., json_schema=...)`` constrains decoding to JSON that follows the schema
 (vLLM's structured outputs, called guided decoding before vLLM 0.10.2), for the judges.
@@ -14,7 +17,8 @@ import logging
 import numpy as np
 
 from prefdata.models import hub
-from prefdata.models.base import Conversation, LogProb, Sampling
+from prefdata.models.base import (Conversation, Generation, LogProb, Sampling, draw_keys, draw_seed,
+                                  first_indices)
 
 log = logging.getLogger(__name__)
 
@@ -61,37 +65,48 @@ class VLLMModel:
         )
         self.tokenizer = self.llm.get_tokenizer()
         if self.tokenizer.eos_token_id is None:
-            raise ValueError(f"model '{name}': the tokenizer has no eos token")
+            raise ValueError(
+                f"model '{name}': the tokenizer has no eos token, so replies could not end; set "
+                "tokenizer.eos_token (and save it with the model) or use a chat model that defines one"
+            )
         config = getattr(self.llm.llm_engine, "model_config", None)
         self.max_length = getattr(config, "max_model_len", None)
 
     def generate(self, conversations: list[Conversation], n: int, sampling: Sampling,
-                 json_schema: dict | None = None) -> list[list[str]]:
-        """``n`` replies per conversation; request i is seeded with ``seed + i``; with
-        ``json_schema``, every reply is JSON that follows it."""
+                 keys=None, first_index=None) -> list[list[str]]:
+        """``n`` replies per conversation; see ``generate_replies``."""
+        replies = self.generate_replies(conversations, n, sampling, keys, first_index)
+        return [[g.text for g in row] for row in replies]
+
+    def generate_replies(self, conversations: list[Conversation], n: int, sampling: Sampling,
+                         keys=None, first_index=None) -> list[list[Generation]]:
+        """``n`` replies per conversation with finish reasons; draw k of conversation i is
+        one request seeded by ``draw_seed(seed, keys[i], first_index[i] + k)``."""
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
+        if not conversations:
+            return []
+        keys, starts = draw_keys(conversations, keys), first_indices(conversations, first_index)
         prompts = [self._prompt_ids(c) for c in conversations]
         for i, ids in enumerate(prompts):
             self._check_length(i, len(ids) + sampling.max_new_tokens, "prompt + max_new_tokens")
+        per = 1 if sampling.temperature <= 0 else n
+        requests = [{"prompt_token_ids": p} for p in prompts for _ in range(per)]
+        params = [self._params(sampling, draw_seed(sampling.seed, keys[i], starts[i] + k))
+                  for i in range(len(prompts)) for k in range(per)]
+        outputs = self.llm.generate(requests, params, use_tqdm=len(requests) > 1)
+        replies = [Generation(o.outputs[0].text, "length" if o.outputs[0].finish_reason == "length" else "stop")
+                   for o in outputs]
+        return [replies[i * per:(i + 1) * per] * (n // per) for i in range(len(prompts))]
+
+    def _params(self, sampling: Sampling, seed: int):
         greedy = sampling.temperature <= 0
-        params = [
-            self._vllm.SamplingParams(
-                n=1 if greedy else n,
-                temperature=max(sampling.temperature, 0.0),
-                top_p=1.0 if greedy else sampling.top_p,
-                max_tokens=sampling.max_new_tokens,
-                seed=sampling.seed + i,
-                stop_token_ids=[self.tokenizer.eos_token_id],
-                **({} if json_schema is None else json_schema_params(json_schema)),
-            )
-            for i in range(len(prompts))
-        ]
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=len(prompts) > 1
+        return self._vllm.SamplingParams(
+            n=1, temperature=max(sampling.temperature, 0.0), top_p=1.0 if greedy else sampling.top_p,
+            max_tokens=sampling.max_new_tokens, min_tokens=sampling.min_new_tokens,
+            stop=list(sampling.stop) or None, seed=seed,
+            stop_token_ids=[self.tokenizer.eos_token_id],
         )
-        texts = [[o.text for o in out.outputs] for out in outputs]
-        return [t * n if greedy else t for t in texts]
 
     def logprobs(self, conversations: list[Conversation], responses: list[str]) -> list[LogProb]:
         """Sum and mean of log p(response token) over response tokens (eos included)."""
@@ -121,6 +136,9 @@ class VLLMModel:
             "the vLLM backend does not expose hidden states; use backend='transformers' "
             "for steps that need them (CHES)"
         )
+
+    def hidden_state_sums(self, conversations: list[Conversation], responses: list[str]):
+        return self.hidden_states(conversations, responses)
 
     def _prompt_ids(self, conversation: Conversation) -> list[int]:
         ids = self.tokenizer.apply_chat_template(

@@ -16,7 +16,9 @@ of transformers), the EOS that ends a response is a target but its own position 
 used, and LN-CHES divides each sum by its response's token count.
 
 ``ches`` (map step) writes ``ches`` and ``ln_ches`` per pair; a response that appears in
-several pairs (all_pairs, several pairs per prompt) goes through the model once.
+several pairs (all_pairs, several pairs per prompt) goes through the model once. The
+backend sums the states on its device in float64 (``hidden_state_sums``), so no
+per-token array of a response is ever copied to the host.
 ``ches_filter`` (global step) removes the highest-CHES pairs — above a quantile, or all
 but the ``keep_lowest`` k — quarantining each with its reason, so nothing disappears
 silently; the threshold and counts go to the run summary and the step's metadata.
@@ -104,9 +106,8 @@ def ches_scores(model, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
             index[side].append(keys[key])
     if not items:
         return np.zeros(0), np.zeros(0)
-    states = model.hidden_states([c for c, _ in items], [r for _, r in items])
-    sums = np.stack([np.asarray(h, dtype=np.float64).sum(axis=0) for h in states])
-    lengths = np.array([len(h) for h in states], dtype=np.float64)
+    sums, counts = model.hidden_state_sums([c for c, _ in items], [r for _, r in items])
+    lengths = counts.astype(np.float64)
     return ches_from_sums(sums[index["chosen"]], sums[index["rejected"]],
                           lengths[index["chosen"]], lengths[index["rejected"]])
 

@@ -1,13 +1,17 @@
 """Sample on-policy responses: each prompt row becomes ``n`` response rows.
 
-The sampling seed of a shard is derived from the configured seed and the shard's prompt
-ids, so recomputing a shard (after a crash, on another executor) gives the same rows.
+Each response is seeded by (config seed, ``prompt_id``, ``sample_index``), so a prompt
+gets the same responses whatever shard, ``--limit``, batch size, executor or other
+prompts it is sampled with, and a larger run can reuse a smaller one's prompts. Appended
+samples (``append: true``) continue a prompt's ``sample_index`` and so its streams.
+``finish_reason`` says whether a reply ended (``stop``: eos or a ``stop`` string) or was
+cut at ``max_new_tokens`` (``length``).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -15,11 +19,14 @@ import pyarrow as pa
 
 from prefdata import schema
 from prefdata.models import LanguageModel, Sampling, check_backend, load_model
+from prefdata.models.base import Generation, sampling_problems
 from prefdata.step import MapStep
 
 log = logging.getLogger(__name__)
 
 NEW_COLUMNS = ["response_id", "response", "generator", "sample_index", "sampling"]
+FINISH = schema.FINISH_REASON.name
+OUTPUT = pa.schema(list(schema.RESPONSE) + [schema.FINISH_REASON])  # the columns' types
 
 
 @dataclass
@@ -33,26 +40,28 @@ class SampleConfig:
     backend: str = "auto"
     device: str = "auto"
     dtype: str = "auto"
-    batch_size: int = 16
+    batch_size: int = 16  # transformers: replies decoded together (continuous batching)
     append: bool = False
+    min_new_tokens: int = 0  # eos is suppressed before this many tokens
+    stop: list[str] = field(default_factory=list)  # a reply is cut before the first of these
 
 
 class Sample(MapStep):
     """Generate ``n`` replies per prompt with one language model."""
 
     name: ClassVar[str] = "sample"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: seeds per (seed, prompt_id, sample_index); finish_reason
     Config: ClassVar[type] = SampleConfig
     model: LanguageModel | None = None
 
     def check(self) -> None:
         c = self.config
-        problems = [
+        problems = sampling_problems(c.temperature, c.top_p, c.max_new_tokens, c.min_new_tokens, c.stop)
+        problems += [
             f"n must be at least 1, got {c.n}" if c.n < 1 else None,
-            f"temperature must be >= 0, got {c.temperature}" if c.temperature < 0 else None,
-            f"top_p must be in (0, 1], got {c.top_p}" if not 0 < c.top_p <= 1 else None,
-            f"max_new_tokens must be at least 1, got {c.max_new_tokens}" if c.max_new_tokens < 1 else None,
             f"batch_size must be at least 1, got {c.batch_size}" if c.batch_size < 1 else None,
+            "stop and min_new_tokens need backend 'transformers' or 'vllm' (the api backend "
+            "does not pass them on)" if c.backend == "api" and (c.stop or c.min_new_tokens) else None,
         ]
         problems = [p for p in problems if p]
         if problems:
@@ -71,14 +80,15 @@ class Sample(MapStep):
     def output_columns(self, columns: list[str]) -> list[str]:
         clash = [c for c in NEW_COLUMNS if c in columns]
         if self.config.append and len(clash) == len(NEW_COLUMNS):
-            return list(columns)
+            return list(columns) + ([] if FINISH in columns else [FINISH])
+        clash += [FINISH] if FINISH in columns else []
         if clash:
             raise ValueError(
                 f"step 'sample': the input already has column(s) {clash}; sample reads prompt "
                 "rows, so drop or rename them first, or set append: true to add more responses "
                 "(another generator or temperature) to a response table"
             )
-        return list(columns) + NEW_COLUMNS
+        return list(columns) + NEW_COLUMNS + [FINISH]
 
     def setup(self) -> None:
         c = self.config
@@ -102,13 +112,8 @@ class Sample(MapStep):
         if self.model is None:
             self.setup()
         c = self.config
-        prompt_ids = table.column("prompt_id").to_pylist()
-        sampling = Sampling(
-            temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
-            seed=shard_seed(c.seed, prompt_ids),
-        )
-        replies = self.model.generate(table.column("prompt").to_pylist(), c.n, sampling)
-        texts = [text for per_prompt in replies for text in per_prompt]
+        replies = self._replies(table, first_index)
+        texts = [g.text for per_prompt in replies for g in per_prompt]
         out = table.take(pa.array(np.repeat(np.arange(table.num_rows), c.n)))
         sample_index = np.tile(np.arange(c.n, dtype=np.int64), table.num_rows) + np.repeat(first_index, c.n)
         ids = [
@@ -122,9 +127,24 @@ class Sample(MapStep):
             .append_column("generator", pa.array([c.model] * rows, pa.string()))
             .append_column("sample_index", pa.array(sample_index))
             .append_column("sampling", _sampling_column(c, rows))
+            .append_column(schema.FINISH_REASON, pa.array(
+                [g.finish_reason for per_prompt in replies for g in per_prompt], pa.string()))
         )
         log.info("sampled %d responses for %d prompts", rows, table.num_rows)
-        return schema.conform(out, schema.RESPONSE)
+        return schema.conform(out, OUTPUT)
+
+    def _replies(self, table: pa.Table, first_index: np.ndarray) -> list[list[Generation]]:
+        """The model's replies, each draw seeded by (seed, prompt_id, sample_index)."""
+        c = self.config
+        sampling = Sampling(temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
+                            seed=c.seed, min_new_tokens=c.min_new_tokens, stop=tuple(c.stop))
+        prompts = table.column("prompt").to_pylist()
+        keys = table.column("prompt_id").to_pylist()
+        if hasattr(self.model, "generate_replies"):
+            return self.model.generate_replies(prompts, c.n, sampling, keys=keys,
+                                               first_index=[int(i) for i in first_index])
+        # The api backend seeds its own requests and reports no finish reason.
+        return [[Generation(t, None) for t in row] for row in self.model.generate(prompts, c.n, sampling)]
 
     def _append(self, responses: pa.Table) -> pa.Table:
         """Sample for each prompt of a response table and add the rows after the prompt's
@@ -132,7 +152,8 @@ class Sample(MapStep):
         import polars as pl
 
         df = pl.from_arrow(responses).with_row_index("_row")
-        prompt_level = [c for c in responses.column_names if c not in NEW_COLUMNS and not c.startswith("score_")]
+        prompt_level = [c for c in responses.column_names
+                        if c not in NEW_COLUMNS and c != FINISH and not c.startswith("score_")]
         first = df.group_by("prompt_id", maintain_order=True).agg(
             pl.col("_row").first(), pl.col("sample_index").max().alias("_last"))
         prompts = responses.take(pa.array(first["_row"].to_numpy())).select(prompt_level)
@@ -141,12 +162,7 @@ class Sample(MapStep):
         merged = pl.concat([df.drop("_row"), pl.from_arrow(fresh)], how="diagonal_relaxed").with_row_index("_row")
         order = merged.join(rank, on="prompt_id", how="left").sort(["_rank", "_row"]).get_column("_row")
         table = merged.drop("_row").to_arrow().take(pa.array(order.to_numpy()))
-        return schema.conform(table.select(responses.column_names), schema.RESPONSE)
-
-
-def shard_seed(seed: int, prompt_ids: list[str]) -> int:
-    """A 31-bit seed fixed by the config seed and which prompts the shard holds."""
-    return int(schema.stable_hash([seed, prompt_ids], length=8), 16) & 0x7FFFFFFF
+        return schema.conform(table.select(self.output_columns(responses.column_names)), OUTPUT)
 
 
 def _sampling_column(c: SampleConfig, rows: int) -> pa.StructArray:
@@ -159,5 +175,5 @@ def _sampling_column(c: SampleConfig, rows: int) -> pa.StructArray:
 
 
 def _empty(input_schema: pa.Schema) -> pa.Table:
-    fields = list(input_schema) + [schema.RESPONSE.field(name) for name in NEW_COLUMNS]
+    fields = list(input_schema) + [schema.RESPONSE.field(name) for name in NEW_COLUMNS] + [schema.FINISH_REASON]
     return pa.schema(fields).empty_table()

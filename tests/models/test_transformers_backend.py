@@ -1,5 +1,7 @@
 """The transformers backend against direct computations on a real (tiny, random) Llama."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -123,18 +125,29 @@ def test_smollm2_short_reply_is_clean_text():
     assert not any(s in text for s in lm.tokenizer.all_special_tokens)
 
 
-def test_nucleus_sampler_draws_inside_the_transformers_nucleus():
+def test_sampler_draws_inside_the_transformers_nucleus_and_row_by_row():
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-    from prefdata.models.transformers_backend import NucleusSampler
+    from prefdata.models.continuous import sample_next
 
     torch.manual_seed(0)
     scores = torch.randn(64, 1000) * 4
+    scores[:8] /= 8  # flat rows: the nucleus reaches past the 16 candidates (full sort)
     nucleus = torch.isfinite(TopPLogitsWarper(0.9)(None, TemperatureLogitsWarper(0.7)(None, scores)))
-    sampler = NucleusSampler(0.7, 0.9, torch.Generator().manual_seed(0), candidates=16)
     for _ in range(20):
-        chosen = torch.isfinite(sampler(None, scores))
-        assert (chosen.sum(-1) == 1).all() and nucleus[chosen].all()
+        u = torch.rand(64)
+        tokens = sample_next(scores, u, 0.7, 0.9, candidates=16)
+        assert nucleus[torch.arange(64), tokens].all()
+        # a row's token depends on its own logits and uniform only
+        alone = torch.cat([sample_next(scores[i:i + 1], u[i:i + 1], 0.7, 0.9, candidates=16) for i in (0, 9, 63)])
+        assert alone.tolist() == tokens[[0, 9, 63]].tolist()
+    # the inverse CDF follows the probabilities (top_p = 1: plain sampling)
+    probs = torch.softmax(scores[:1] / 0.7, -1)[0]
+    u = torch.linspace(0, 1, 20001)[:-1]
+    drawn = sample_next(scores[:1].expand(len(u), -1), u, 0.7, 1.0)
+    freq = torch.bincount(drawn, minlength=1000).float() / len(u)
+    assert (freq - probs).abs().max() < 1e-3
+    assert sample_next(scores, None, 0.0, 0.9).tolist() == scores.argmax(-1).tolist()
 
 
 # -- prefix sharing: each prompt once, its responses continuing from its KV cache ------------
@@ -228,3 +241,151 @@ def test_identical_items_are_computed_once_and_come_out_identical(tiny):
     assert lp[0] == lp[1] and lp[0] != lp[3]
     hs = tiny.hidden_states(convs, resps)
     assert np.array_equal(hs[0], hs[1]) and hs[0] is not hs[1]
+
+
+# -- sampling: continuous batching, seeds per draw, stop strings ------------------------------
+@pytest.fixture(scope="module")
+def eos_prone(tiny_llama_factory, tmp_path_factory):
+    """A tiny random Llama whose eos has ~12% probability per step, so replies end at varied
+    lengths (a random model almost never picks eos from 49k tokens): a large constant
+    feature in every embedding survives the layers, and only eos reads it."""
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_factory(3))
+    eos = model.config.eos_token_id
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] += 30.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[eos, 0] = 2.3
+    path = tmp_path_factory.mktemp("eos-prone")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_llama_factory(3)).save_pretrained(path)
+    return str(path)
+
+
+def _lm(path, batch_size):
+    return load_model(path, backend="transformers", device="cpu", dtype="float32", batch_size=batch_size)
+
+
+QUESTIONS = [[{"role": "user", "content": f"Question {i}: " + "word " * (3 * i)}] for i in range(5)]
+VARIED = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=16, seed=5)
+
+
+def test_draws_do_not_depend_on_batch_size_or_companions(eos_prone):
+    keys = [f"prompt-{i}" for i in range(len(QUESTIONS))]
+    runs = {bs: _lm(eos_prone, bs).generate_replies(QUESTIONS, 4, VARIED, keys=keys) for bs in (64, 7, 1)}
+    texts = [g.text for row in runs[64] for g in row]
+    assert len(set(texts)) >= 15 and min(map(len, texts)) < 20 < max(map(len, texts))  # varied texts …
+    reasons = [g.finish_reason for row in runs[64] for g in row]
+    assert {"stop", "length"} == set(reasons)  # … and lengths
+    assert runs[7] == runs[64] and runs[1] == runs[64]
+    # other companions, another order, a prompt alone: the same draws
+    alone = _lm(eos_prone, 7).generate_replies([QUESTIONS[2]], 4, VARIED, keys=[keys[2]])
+    assert alone[0] == runs[64][2]
+    shuffled = _lm(eos_prone, 5).generate_replies(QUESTIONS[::-1], 4, VARIED, keys=keys[::-1])
+    assert shuffled[::-1] == runs[64]
+    # draws are numbered from first_index: sample indices 2..3 are the last two of the four
+    later = _lm(eos_prone, 3).generate_replies([QUESTIONS[1]], 2, VARIED, keys=[keys[1]], first_index=[2])
+    assert later[0] == runs[64][1][2:]
+    # the key is what seeds a prompt: another key, other draws
+    assert _lm(eos_prone, 7).generate_replies([QUESTIONS[2]], 4, VARIED, keys=["other"])[0] != runs[64][2]
+
+
+def _spy(monkeypatch):
+    """Record each decode step's busy rows and each draw as the real scheduler runs."""
+    from prefdata.models import continuous
+
+    steps, draws = [], []
+    forward, run = continuous.ContinuousBatcher._forward, continuous.ContinuousBatcher.run
+
+    def spy_forward(self, tokens, lengths):
+        steps.append(len(tokens))
+        return forward(self, tokens, lengths)
+
+    def spy_run(self):
+        draws.extend(run(self))
+        return draws
+
+    monkeypatch.setattr(continuous.ContinuousBatcher, "_forward", spy_forward)
+    monkeypatch.setattr(continuous.ContinuousBatcher, "run", spy_run)
+    return steps, draws
+
+
+def test_finished_rows_free_their_slot_and_each_prompt_runs_once(eos_prone, monkeypatch):
+    lm = _lm(eos_prone, 5)
+    steps, draws = _spy(monkeypatch)
+    prompt_passes = []
+    hook = lm.model.base_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: prompt_passes.append(kwargs["input_ids"].shape[1])
+        if kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    try:
+        replies = lm.generate_replies(QUESTIONS[:3], 4, VARIED)
+    finally:
+        hook.remove()
+    assert prompt_passes == [len(lm._prompt_ids(q)) for q in QUESTIONS[:3]]  # one prefill per prompt
+    # a draw that samples k tokens (eos included) is in k - 1 decode steps; no step runs more
+    sampled = [len(d.tokens) + (d.finish_reason == "stop") for d in draws]
+    assert sum(steps) == sum(k - 1 for k in sampled)
+    assert max(steps) == 5
+    first_short = next(i for i, b in enumerate(steps) if b < 5)
+    assert steps[first_short:] == sorted(steps[first_short:], reverse=True)  # only the tail drains
+    assert min(sampled) < 10 < max(sampled)  # lengths really vary
+    assert [g.finish_reason for row in replies for g in row] == [d.finish_reason for d in draws]
+
+
+def test_stop_strings_cut_the_same_draws_and_min_new_tokens_holds_eos(eos_prone, monkeypatch):
+    lm = _lm(eos_prone, 8)
+    free = lm.generate_replies(QUESTIONS[:2], 4, VARIED)
+    longest = max((g for row in free for g in row), key=lambda g: len(g.text))
+    stop = longest.text[len(longest.text) // 2:len(longest.text) // 2 + 3]
+    assert stop.strip()
+    cut = lm.generate_replies(QUESTIONS[:2], 4, replace(VARIED, stop=(stop,)))
+    hits = 0
+    for a, b in zip([g for row in free for g in row], [g for row in cut for g in row]):
+        if stop in a.text:
+            hits += 1
+            assert b == type(b)(a.text[:a.text.index(stop)], "stop")
+        else:
+            assert b == a
+    assert hits >= 1
+    steps, draws = _spy(monkeypatch)
+    held = lm.generate_replies(QUESTIONS[:2], 4, replace(VARIED, min_new_tokens=10))
+    assert min(len(d.tokens) for d in draws) >= 10
+    assert any(g.finish_reason == "stop" for row in held for g in row)
+    draws.clear()
+    lm.generate_replies(QUESTIONS[:2], 4, replace(VARIED, min_new_tokens=16))
+    assert {d.finish_reason for d in draws} == {"length"}
+
+
+def test_bad_sampling_settings_and_a_model_without_eos(tiny_llama_factory, tmp_path):
+    from transformers import AutoTokenizer
+
+    with pytest.raises(ValueError, match="min_new_tokens .* must not exceed max_new_tokens"):
+        Sampling(max_new_tokens=4, min_new_tokens=5)
+    with pytest.raises(ValueError, match="stop must be a list of non-empty strings"):
+        Sampling(stop=("ok", ""))
+    with pytest.raises(ValueError, match="stop must be a list"):
+        Sampling(stop="\n")
+    path = tmp_path / "no-eos"
+    LlamaForCausalLM.from_pretrained(tiny_llama_factory(0)).save_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_factory(0))
+    tok.eos_token = None
+    tok.save_pretrained(path)
+    with pytest.raises(ValueError, match=f"model '{path}': the tokenizer has no eos token"):
+        load_model(str(path), backend="transformers", device="cpu")
+
+
+def test_generation_uses_no_deprecated_cache_argument(tiny, recwarn):
+    import warnings
+
+    warnings.simplefilter("always")
+    tiny.generate(CONVERSATIONS, 2, Sampling(temperature=1.0, max_new_tokens=4, seed=1))
+    tiny.logprobs(CONVERSATIONS, RESPONSES)
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+
+
+def test_hidden_state_sums_equal_float64_sums_of_the_states(tiny):
+    convs, resps = _flat(GROUPED)
+    sums, counts = tiny.hidden_state_sums(convs, resps)
+    states = tiny.hidden_states(convs, resps)
+    assert counts.tolist() == [len(h) for h in states]
+    assert sums.dtype == np.float64
+    np.testing.assert_allclose(sums, np.stack([h.astype(np.float64).sum(0) for h in states]), rtol=1e-12)

@@ -1,6 +1,7 @@
 """The sample step on a literal two-prompt table, with the real SmolLM2."""
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 
 from prefdata import schema
@@ -33,7 +34,7 @@ def test_sample_expands_prompts_into_response_rows():
     step.setup()
     out = step.process(_prompt_table())
     assert out.num_rows == 2 * 3
-    assert out.schema.equals(schema.RESPONSE)
+    assert out.schema.equals(pa.schema(list(schema.RESPONSE) + [schema.FINISH_REASON]))
     rows = out.to_pylist()
     assert [r["prompt_id"] for r in rows] == [schema.prompt_id(PROMPTS[0])] * 3 + [
         schema.prompt_id(PROMPTS[1])] * 3
@@ -43,6 +44,9 @@ def test_sample_expands_prompts_into_response_rows():
     assert all(isinstance(r["response"], str) and r["response"] for r in rows)
     assert rows[0]["sampling"] == {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 8, "seed": 0}
     assert step.output_columns(_prompt_table().column_names) == out.column_names
+    # eight tokens cannot answer "why is the sky blue": cut at max_new_tokens
+    assert set(out["finish_reason"].to_pylist()) <= {"stop", "length"}
+    assert out["finish_reason"].to_pylist()[3:] == ["length"] * 3
 
 
 def test_recomputing_a_shard_gives_identical_rows():
@@ -56,13 +60,39 @@ def test_recomputing_a_shard_gives_identical_rows():
 
 def test_empty_shard_and_bad_config():
     out = _step().process(_prompt_table([]))
-    assert out.num_rows == 0 and out.schema.equals(schema.RESPONSE)
+    assert out.num_rows == 0 and out.column_names == _step().output_columns(schema.PROMPT.names)
     with pytest.raises(ValueError, match="n must be at least 1"):
         Sample(SampleConfig(n=0))
     with pytest.raises(ValueError, match="unknown option"):
         Sample(samples=3)
     with pytest.raises(ValueError, match="already has column"):
         _step().process(_prompt_table().append_column("response", pa.array(["a", "b"])))
+    with pytest.raises(TypeError, match="option 'stop'.*expected a list"):
+        Sample(stop="\n")
+    with pytest.raises(ValueError, match="step 'sample': stop must be a list of non-empty strings"):
+        Sample(stop=["\n", ""])
+    with pytest.raises(ValueError, match=r"min_new_tokens \(9\) must not exceed max_new_tokens \(8\)"):
+        Sample(min_new_tokens=9, max_new_tokens=8)
+    with pytest.raises(ValueError, match="need backend 'transformers' or 'vllm'"):
+        Sample(backend="api", stop=["\n"])
+
+
+def test_a_prompt_gets_the_same_responses_whatever_its_shard_and_batch():
+    both = _step(temperature=1.0).process(_prompt_table())
+    alone = _step(temperature=1.0, batch_size=1).process(_prompt_table(PROMPTS[1:]))
+    assert alone.equals(both.slice(3, 3))
+    assert len(set(both["response"].to_pylist())) == 6
+
+
+def test_stop_strings_and_min_new_tokens_reach_the_model():
+    free = _step(n=2, max_new_tokens=24, temperature=0.0).process(_prompt_table(PROMPTS[1:]))
+    text = free["response"][0].as_py()
+    stop = text.split()[3]
+    cut = _step(n=2, max_new_tokens=24, temperature=0.0, stop=[stop]).process(_prompt_table(PROMPTS[1:]))
+    assert cut["response"].to_pylist() == [text[:text.index(stop)]] * 2
+    assert cut["finish_reason"].to_pylist() == ["stop"] * 2
+    held = _step(n=1, max_new_tokens=6, min_new_tokens=6, temperature=0.0).process(_prompt_table(PROMPTS[:1]))
+    assert held["finish_reason"].to_pylist() == ["length"]
 
 
 def test_append_adds_a_second_temperature_after_each_prompts_samples():
@@ -75,6 +105,12 @@ def test_append_adds_a_second_temperature_after_each_prompts_samples():
     assert both["sample_index"].to_pylist() == [0, 1, 2, 3, 4] * 2
     temps = [s["temperature"] for s in both["sampling"].to_pylist()]
     assert temps == [0.7, 0.7, 1.0, 1.0, 1.0] * 2
+    # appended draws are seeded by their sample_index: the same as a fresh run's draws 2..4
+    fresh = _step(n=5, max_new_tokens=4, temperature=1.0, seed=2).process(_prompt_table())
+    appended = both.filter(pa.compute.greater_equal(both["sample_index"], 2))
+    assert appended["response"].to_pylist() == fresh.filter(
+        pa.compute.greater_equal(fresh["sample_index"], 2))["response"].to_pylist()
+    assert both["finish_reason"].null_count == 0
     assert len(set(both["response_id"].to_pylist())) == 10
     with pytest.raises(ValueError, match="append: true"):
         _step().output_columns(list(first.column_names))
