@@ -30,6 +30,8 @@ STEPS = {
     "argilla_pull": "prefdata.steps.human:ArgillaPull",
     "score_flr": "prefdata.steps.flr:ScoreFLR",
     "length_bias": "prefdata.steps.length_report:LengthBias",
+    "score_gpm": "prefdata.steps.gpm:ScoreGPM",
+    "intransitivity": "prefdata.steps.gpm:Intransitivity",
 }
 
 

@@ -14,28 +14,10 @@ from prefdata.prefmodel.features import cached_features
 from prefdata.prefmodel.train import PrefModelConfig, train
 from prefdata.train.data import DataError
 
-WORDS = ["apple", "river", "stone", "cloud", "tiger", "paper", "glass", "music"]
-
-
-def pair_table(path, prompts=8, extra=None):
-    rows = {"prompt_id": [], "prompt": [], "chosen": [], "rejected": [], "source": []}
-    for p in range(prompts):
-        prompt = [{"role": "user", "content": f"Say something about {WORDS[p % 8]} {p}."}]
-        for k in range(2):
-            rows["prompt_id"].append(f"p{p}")
-            rows["prompt"].append(prompt)
-            rows["chosen"].append([{"role": "assistant", "content": f"A long careful answer about {WORDS[(p + k) % 8]}."}])
-            rows["rejected"].append([{"role": "assistant", "content": f"no {k}"}])
-            rows["source"].append("a" if p % 2 else "b")
-    rows.update(extra or {})
-    pq.write_table(pa.table(rows), path)
-    return str(path)
-
-
-def test_bt_head_only_saves_a_reward_model_that_score_rm_reads(tmp_path, tiny_llama):
+def test_bt_head_only_saves_a_reward_model_that_score_rm_reads(tmp_path, make_pairs, tiny_llama):
     from prefdata.steps.reward import ScoreRM
 
-    data = pair_table(tmp_path / "pairs.parquet")
+    data = make_pairs(tmp_path / "pairs.parquet")
     out = tmp_path / "bt"
     summary = train(PrefModelConfig(data=data, model=tiny_llama, output=str(out), objective="bt",
                                     epochs=20, batch_size=8, progress=False))
@@ -59,8 +41,8 @@ def test_bt_head_only_saves_a_reward_model_that_score_rm_reads(tmp_path, tiny_ll
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_gpm_head_only_folder_loads_and_scores(tmp_path, tiny_llama):
-    data = pair_table(tmp_path / "pairs.parquet")
+def test_gpm_head_only_folder_loads_and_scores(tmp_path, make_pairs, tiny_llama):
+    data = make_pairs(tmp_path / "pairs.parquet")
     out = tmp_path / "gpm"
     cfg = PrefModelConfig(data=data, model=tiny_llama, output=str(out), objective="gpm", dim=4,
                           epochs=20, batch_size=8, progress=False)
@@ -89,8 +71,8 @@ def test_gpm_head_only_folder_loads_and_scores(tmp_path, tiny_llama):
         io.load_gpm(out)
 
 
-def test_full_training_kill_and_resume_gives_the_same_next_step_loss(tmp_path, tiny_llama):
-    data = pair_table(tmp_path / "pairs.parquet")
+def test_full_training_kill_and_resume_gives_the_same_next_step_loss(tmp_path, make_pairs, tiny_llama):
+    data = make_pairs(tmp_path / "pairs.parquet")
 
     def cfg(out):
         return PrefModelConfig(data=data, model=tiny_llama, output=str(out), objective="gpm", mode="full",
@@ -120,9 +102,9 @@ def test_full_training_kill_and_resume_gives_the_same_next_step_loss(tmp_path, t
     ("no_rejected", r"pairs.parquet: missing column\(s\) \['rejected'\]"),
     ("empty_text", r"pairs.parquet, row 3: 'rejected' is empty"),
 ])
-def test_bad_pair_tables_are_named(tmp_path, problem, match):
+def test_bad_pair_tables_are_named(tmp_path, make_pairs, problem, match):
     path = tmp_path / "pairs.parquet"
-    pair_table(path)
+    make_pairs(path)
     t = pq.read_table(path)
     if problem == "no_rejected":
         t = t.drop_columns(["rejected"])
@@ -135,6 +117,6 @@ def test_bad_pair_tables_are_named(tmp_path, problem, match):
         train(PrefModelConfig(data=str(path), model="unused", output=str(tmp_path / "o"), objective="bt"))
 
 
-def test_odd_dim_config_is_refused(tmp_path):
+def test_odd_dim_config_is_refused(tmp_path, make_pairs):
     with pytest.raises(ValueError, match="dim .*even.* got 5"):
         train(PrefModelConfig(data="x.parquet", output=str(tmp_path), objective="gpm", dim=5))
