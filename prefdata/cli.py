@@ -21,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
         from prefdata.train.trainer import main as train_main
 
         return train_main(rest[1:])
+    if rest[:1] in (["train-rm"], ["eval-rm"]):
+        configure_logging(verbose)
+        from prefdata.prefmodel import eval as eval_rm, train as train_rm
+
+        return (train_rm if rest[0] == "train-rm" else eval_rm).main(rest[1:])
     if rest[:1] == ["argilla"]:
         try:
             from prefdata.argilla.cli import cli_main as argilla_main
@@ -134,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("train", help="train on a pair or list parquet (see 'prefdata train --help')")
     sub.add_parser("argilla", help="dev server, push and pull with Argilla (see 'prefdata argilla --help')")
+    sub.add_parser("train-rm", help="train a BT reward model or a GPM on a pair parquet (see 'prefdata train-rm --help')")
+    sub.add_parser("eval-rm", help="pairwise accuracy of a reward model or GPM on held-out pairs (see 'prefdata eval-rm --help')")
     return parser
 
 
