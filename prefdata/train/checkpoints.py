@@ -39,8 +39,9 @@ def run_identity(cfg: TrainConfig, data_fingerprint: str, extra: dict | None = N
             **(extra or {})}
 
 
-def open_run_folder(out: Path, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from (or None), after refusing to mix two runs in one folder."""
+def open_run_folder(out: Path, resume: bool, overwrite: bool, delete: bool = True) -> Path | None:
+    """The checkpoint to resume from (or None), after refusing to mix two runs in one folder.
+    ``delete``: this process may remove an overwritten run (process 0 of several)."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other; choose one")
     found = checkpoints(out)
@@ -52,7 +53,7 @@ def open_run_folder(out: Path, resume: bool, overwrite: bool) -> Path | None:
         raise ValueError(
             f"{out} holds checkpoints of another run ({found[0].name} … {found[-1].name}); continue it with "
             "--resume, replace it with --overwrite (deletes them), or choose another --output")
-    if found:
+    if found and delete:
         log.warning("--overwrite: deleting %d checkpoint(s) under %s", len(found), out / "checkpoints")
         shutil.rmtree(out / "checkpoints")
     return None

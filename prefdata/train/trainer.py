@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -31,6 +32,7 @@ from prefdata.train.adapters import add_lora, require_peft
 from prefdata.train.checkpoints import (check_resumable, load_checkpoint, new_run_id, open_run_folder, read_state,
                                         run_identity, save_checkpoint, save_final)
 from prefdata.train.config import TrainConfig, as_dict, config_from, parse_set, read_recipe
+from prefdata.train.distributed import Ranks
 from prefdata.train.data import (DataError, curriculum_batches, epoch_batches, load_examples, micro_batches,
                                  split_eval)
 from prefdata.train.reference import check_same_tokenizer, reference_logps
@@ -51,6 +53,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="start over in an --output that holds another run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any TrainConfig field, e.g. --set lr=5e-7 (repeatable)")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the trained model when done (HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     args = p.parse_args(argv)
     configure_logging(args.verbose)
@@ -60,7 +64,11 @@ def main(argv: list[str]) -> int:
                        if getattr(args, k) is not None})
         values.update(parse_set(args.set))
         cfg = config_from(values, where=args.config or "command line")
-        train(cfg, resume=args.resume, overwrite=args.overwrite)
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        if args.push_to_hub and summary.get("main_process", True):
+            from prefdata.train.publish import push_model
+
+            log.info("pushed to %s", push_model(cfg.output, args.push_to_hub, private=args.private))
     except (DataError, ValueError, TypeError, FileNotFoundError) as exc:
         if args.verbose:
             raise
@@ -70,8 +78,10 @@ def main(argv: list[str]) -> int:
 
 
 def configure_logging(verbose: bool = False) -> None:
-    """As ``prefdata run`` does (cli.py): INFO (DEBUG with -v), time, level and logger name."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    """As ``prefdata run`` does (cli.py): INFO (DEBUG with -v), time, level and logger name;
+    processes other than 0 of a multi-process run only warn."""
+    quiet = int(os.environ.get("RANK", "0")) > 0
+    logging.basicConfig(level=logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -90,9 +100,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
     out = Path(cfg.output)
     if cfg.lora_r:
         require_peft()
-    ckpt = open_run_folder(out, resume, overwrite)
+    ranks = Ranks(cfg)
+    ckpt = open_run_folder(out, resume, overwrite, delete=ranks.main)
+    ranks.barrier()
     out.mkdir(parents=True, exist_ok=True)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = ranks.device or (("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     seed_everything(cfg.seed)
     bf16 = cfg.precision == "bf16"
     autocast = lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
@@ -138,11 +150,17 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
     ref = None
     info = {"reference_cache": "not needed", **pack_info, **rdpo_info}
     if cfg.loss not in losses.REFERENCE_FREE:
+        if not ranks.main:
+            ranks.barrier()  # process 0 computes and caches, then the others read the cache
         ref, ref_info = reference_logps(examples, cfg, model, device, autocast, load_reference, logps_fn)
+        if ranks.main:
+            ranks.barrier()
         info.update(ref_info)
         log.info("reference log-probs: cache %s (%s)", info["reference_cache"], info["reference_cache_path"])
-    write_json({"config": as_dict(cfg), "data": examples.stats, **run, "train_examples": len(train_idx),
-                "eval_examples": len(eval_idx), "total_steps": total_steps, **info}, out / "run.json")
+    if ranks.main:
+        write_json({"config": as_dict(cfg), "data": examples.stats, **run, "train_examples": len(train_idx),
+                    "eval_examples": len(eval_idx), "total_steps": total_steps, "processes": ranks.world, **info},
+                   out / "run.json")
     if cfg.lora_r:  # after the reference pass: the reference is the base without the adapter
         model = add_lora(model, cfg)
     if cfg.gradient_checkpointing:
@@ -167,7 +185,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
     if ckpt is not None:
         step, baseline = load_checkpoint(ckpt, model, optimizer, scheduler)
         log.info("resumed from %s at step %d", ckpt, step)
-    run_log = RunLog(out, cfg, resume_step=step if ckpt else None)
+    run_log = RunLog(out, cfg, resume_step=step if ckpt else None, enabled=ranks.main)
 
     def batch_at(g: int) -> np.ndarray:
         return epoch_plan(g // batches_per_epoch)[g % batches_per_epoch]
@@ -185,7 +203,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
         return loss, {"rewards": rew.detach(), "logps": logps.detach(), "valid": valid}
 
     def evaluate() -> dict:
-        if len(eval_idx) == 0:
+        if len(eval_idx) == 0 or not ranks.main:
             return {}
         model.eval()
         parts, loss_sum = [], 0.0
@@ -200,7 +218,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
     # ---- loop --------------------------------------------------------------------------
     model.train()
     model.config.use_cache = False
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not cfg.progress)
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (cfg.progress and ranks.main))
     with logging_redirect_tqdm():
         if baseline is None:
             baseline = evaluate()
@@ -212,12 +230,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
             parts, loss_sum, n_seen = [], 0.0, 0
             for a in range(cfg.grad_accum):
                 batch = batch_at(step * cfg.grad_accum + a)
-                for idx in micro_batches(batch, lengths, cfg.micro_batch_size):
+                for idx in micro_batches(ranks.shard(batch), lengths, cfg.micro_batch_size):
                     loss, stats = forward(idx)
                     (loss.sum() / (len(batch) * cfg.grad_accum)).backward()
                     loss_sum += loss.detach().sum().item() / len(batch)
                     parts.append(stats)
                 n_seen += len(batch)
+            ranks.sum_gradients(params)
+            loss_sum, parts = ranks.sum(loss_sum), ranks.gather(parts)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -247,7 +267,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
                                     "(likelihood displacement, Razin et al. 2024); consider --loss rpo or "
                                     "filtering pairs by CHES", -metrics["eval/chosen_logp_change"])
             if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
-                save_checkpoint(out, step, model, optimizer, scheduler, cfg, baseline, run)
+                if ranks.main:
+                    save_checkpoint(out, step, model, optimizer, scheduler, cfg, baseline, run)
+                ranks.barrier()
             if stop_after is not None and step >= stop_after:
                 bar.close()
                 run_log.close()
@@ -255,10 +277,12 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
     bar.close()
 
     # ---- final model: loads with AutoModelForCausalLM.from_pretrained(output) -------------
-    save_final(out, model, tokenizer)
+    if ranks.main:
+        save_final(out, model, tokenizer)
+    ranks.barrier()
     run_log.close()
     log.info("done: %d steps, %d examples per step; model saved to %s", step, cfg.batch_size * cfg.grad_accum, out)
-    return {"step": step, "stopped": False, **info}
+    return {"step": step, "stopped": False, "main_process": ranks.main, **info}
 
 
 # ---- helpers, in the order the loop uses them ----------------------------------------------
@@ -355,15 +379,17 @@ def displacement(metrics: dict, baseline: dict) -> dict:
 class RunLog:
     """Step records to the log and <output>/log.jsonl; TensorBoard and W&B when asked."""
 
-    def __init__(self, out: Path, cfg: TrainConfig, resume_step: int | None):
-        self.path = out / "log.jsonl"
+    def __init__(self, out: Path, cfg: TrainConfig, resume_step: int | None, enabled: bool = True):
+        self.path, self.enabled = out / "log.jsonl", enabled
+        self.file = self.tb = self.wandb = None
+        if not enabled:  # another process of a multi-process run
+            return
         if resume_step is not None and self.path.exists():  # drop what the crashed run wrote later
             keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
             self.path.write_text("".join(k + "\n" for k in keep))
         elif resume_step is None:
             self.path.write_text("")
         self.file = open(self.path, "a")
-        self.tb = self.wandb = None
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -378,6 +404,8 @@ class RunLog:
             self.wandb = wandb.init(project=cfg.wandb_project, config=as_dict(cfg), dir=str(out), resume="allow")
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         log.info(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
@@ -390,7 +418,8 @@ class RunLog:
             self.wandb.log(numbers, step=record["step"])
 
     def close(self) -> None:
-        self.file.close()
+        if self.file:
+            self.file.close()
         if self.tb:
             self.tb.close()
         if self.wandb:

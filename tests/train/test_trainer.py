@@ -194,3 +194,23 @@ def test_bf16_checkpointing_and_micro_batches(tiny_model, pairs_file, tmp_path):
     rows = log_rows(out)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert rows[1]["loss"] == pytest.approx(np.log(2), abs=0.02)        # step 1: policy = reference, bf16 noise
+
+
+def test_push_to_hub_without_a_token_or_a_network_is_a_clear_error(tiny_model, pairs_file, tmp_path, monkeypatch,
+                                                                    capsys):
+    out = tmp_path / "run"
+    args = ["--data", pairs_file(6), "--model", tiny_model, "--output", str(out), "--set", "device=cpu",
+            "--set", "max_steps=1", "--set", "eval_fraction=0.0", "--set", "max_length=128",
+            "--push-to-hub", "me/tiny-dpo"]
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--push-to-hub needs HF_TOKEN" in err and f"the model is saved in {out}" in err
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token_0123456789")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")          # nothing listens: offline
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    from prefdata.train.publish import push_model
+
+    with pytest.raises(ValueError, match=r"could not push .* to the Hub repo me/tiny-dpo .*huggingface-cli upload") as e:
+        push_model(out, "me/tiny-dpo")
+    assert "hf_not_a_real_token" not in str(e.value)

@@ -1,0 +1,81 @@
+"""Data parallel training under ``accelerate launch`` (or ``torchrun``): same config, N processes.
+
+Every process holds the whole model and takes rows ``rank::world`` of each global batch;
+after the backward pass the gradients are summed across processes with one all-reduce
+over a flat buffer per step — what DDP computes, without its bucketed overlap — so N
+processes take exactly the steps one process takes with the same global ``batch_size``.
+Process 0 writes the reference cache (the others wait, then read it), the logs, the
+checkpoints and the final model; evaluation runs on process 0. One process (no
+``WORLD_SIZE`` in the environment) needs none of this and starts no process group.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+
+class Ranks:
+    def __init__(self, cfg):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self.device = 0, None
+        if self.world > 1:
+            from accelerate import PartialState
+
+            check_launch(cfg, self.world)
+            state = PartialState(cpu=cfg.device == "cpu")
+            self.rank, self.world = state.process_index, state.num_processes
+            self.device = "cpu" if cfg.device == "cpu" else str(state.device)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def shard(self, batch: np.ndarray) -> np.ndarray:
+        return batch[self.rank::self.world]
+
+    def sum_gradients(self, params) -> None:
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(g).clone()
+            offset += n
+
+    def sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+    def gather(self, parts: list[dict]) -> list[dict]:
+        """Every process's per-micro-batch stats, on CPU (for the step's reward accuracy, margins)."""
+        if self.world == 1:
+            return parts
+        local = [{k: v.cpu() for k, v in p.items()} for p in parts]
+        everyone = [None] * self.world
+        torch.distributed.all_gather_object(everyone, local)
+        return [p for rank_parts in everyone for p in rank_parts]
+
+
+def check_launch(cfg, world: int) -> None:
+    """A launcher setting that contradicts the recipe is an error naming both."""
+    if cfg.batch_size % world:
+        raise ValueError(f"train config: batch_size {cfg.batch_size} is not a multiple of the {world} launched "
+                         "processes; the global batch is split evenly across them")
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    wanted = "bf16" if cfg.precision == "bf16" else "no"
+    if launched != wanted:
+        raise ValueError(f"accelerate launch --mixed_precision {launched} conflicts with the recipe's precision: "
+                         f"{cfg.precision}; set them to agree (precision: bf16 <-> --mixed_precision bf16)")
