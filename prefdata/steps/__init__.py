@@ -32,6 +32,7 @@ STEPS = {
     "length_bias": "prefdata.steps.length_report:LengthBias",
     "score_gpm": "prefdata.steps.gpm:ScoreGPM",
     "intransitivity": "prefdata.steps.gpm:Intransitivity",
+    "train_rm": "prefdata.steps.gpm:TrainRM",
 }
 
 

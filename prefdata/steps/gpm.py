@@ -11,6 +11,9 @@ Preference Modeling with Preference Representations for Aligning Language Models
 
 ``intransitivity``: the same count from a pairwise judge's both-order verdicts on a pair
 table (``<judge>_verdict`` from ``judge_pairwise``), as a ``cyclic_triples`` column.
+
+``train_rm``: head-only BT and GPM models trained on the pipeline's pair table (the
+recipe pipelines/train_preference_model.yaml), for ``score_rm`` and ``score_gpm`` later.
 """
 
 from __future__ import annotations
@@ -167,3 +170,78 @@ class Intransitivity(GlobalStep):
         self.metadata = {"verdict": self.config.verdict, **summary(per_prompt, self.config.name)}
         return Output(out.to_arrow(), counts=summary(per_prompt, self.config.name))
 
+
+
+@dataclass
+class TrainRMConfig:
+    model: str = "smollm2-135m-instruct"   # the backbone whose features the heads read
+    objectives: list[str] | None = None    # any of bt, gpm (default: both)
+    output: str | None = None              # folder for the models; default: the step's own folder
+    dim: int = 8
+    gate: bool = True
+    normalize: bool = True
+    epochs: float = 30.0
+    batch_size: int = 256
+    lr: float | None = None
+    eval_fraction: float = 0.1
+    seed: int = 0
+    device: str = "cpu"
+
+
+class TrainRM(GlobalStep):
+    """Train head-only BT and/or GPM models on the pair table; the table passes through.
+
+    Models go to ``<output>/<objective>`` (``score_rm`` reads ``bt``, ``score_gpm`` reads
+    ``gpm``); eval accuracy on prompts held out of training is the step's metadata. For
+    ``full`` fine-tuning use ``prefdata train-rm``.
+    """
+
+    name = "train_rm"
+    Config = TrainRMConfig
+    out_dir: Path | None = None
+    metadata: dict | None = None
+
+    def objectives(self) -> list[str]:
+        return list(self.config.objectives or ["bt", "gpm"])
+
+    def check(self) -> None:
+        bad = [o for o in self.objectives() if o not in ("bt", "gpm")]
+        if bad:
+            raise ValueError(f"train_rm: objectives must be bt and/or gpm, got {bad}")
+        if self.config.dim < 2 or self.config.dim % 2:
+            raise ValueError(f"train_rm: dim (the GPM embedding dimension 2k) must be even, got {self.config.dim}")
+
+    def models(self) -> list:
+        from prefdata.models.identity import ModelRef
+
+        return [ModelRef(self.config.model, backend="transformers", device=self.config.device, dtype="float32")]
+
+    def input_columns(self) -> list[str]:
+        return ["prompt", "chosen", "rejected"]
+
+    def output_columns(self, columns: list[str]) -> list[str]:
+        return list(columns)
+
+    def bind_output_dir(self, step_dir: Path) -> None:
+        self.out_dir = Path(step_dir)
+
+    def process(self, frame: pl.LazyFrame) -> pa.Table:
+        from prefdata.io import write_parquet
+        from prefdata.prefmodel.train import PrefModelConfig, train
+
+        c = self.config
+        root = Path(c.output) if c.output else self.out_dir
+        if root is None:
+            raise ValueError("train_rm: no folder for the models: set 'output'")
+        table = frame.collect().to_arrow()
+        data = write_parquet(table, root / "data" / "pairs.parquet")
+        self.metadata = {}
+        for objective in self.objectives():
+            cfg = PrefModelConfig(data=str(data), model=c.model, output=str(root / objective), objective=objective,
+                                  dim=c.dim, gate=c.gate, normalize=c.normalize, epochs=c.epochs,
+                                  batch_size=c.batch_size, lr=c.lr, eval_fraction=c.eval_fraction, seed=c.seed,
+                                  device=c.device, feature_cache=str(root / "features"), progress=False)
+            s = train(cfg)
+            self.metadata[objective] = {"folder": str(root / objective), "eval_accuracy": s["eval_accuracy"],
+                                        "train_accuracy": s["train_accuracy"], "eval_pairs": s["eval_pairs"]}
+        return table
