@@ -72,6 +72,10 @@ def from_dataset(cfg) -> tuple[float, dict]:
         raise DataError(f"{cfg.data}: the dataset's ε = {eps:.3f} is above rdpo_eps_max = {cfg.rdpo_eps_max}: "
                         "the ensemble disagrees with most labels. Check the labels (noise policy: flip swaps "
                         "the pairs it believes wrong) before training; rDPO cannot correct ε near 0.5")
+    if meta.get("policy") in ("flip", "drop"):
+        log.warning("rdpo: the noise step estimated ε = %.3f before its policy '%s' changed the pairs; the "
+                    "flip rate of this file is lower, so rDPO over-corrects. With that policy prefer a smaller "
+                    "rdpo_eps, or run noise with policy: keep", eps, meta["policy"])
     return float(eps), {"rdpo_eps": float(eps), "rdpo_eps_source": "dataset",
                         "rdpo_eps_stderr": meta.get("epsilon_stderr"),
                         "rdpo_eps_n_confident": meta.get("n_confident")}

@@ -54,6 +54,7 @@ def test_rdpo_reads_the_dataset_epsilon_by_default(setup, caplog):
     assert loss == pytest.approx(rdpo(h, 0.3).mean(), rel=1e-4)
     assert summary["rdpo_eps"] == 0.3 and summary["rdpo_eps_source"] == "dataset"
     assert "rdpo: ε = 0.3000 ± 0.0400 from the dataset's noise step (120 confident pairs)" in caplog.text
+    assert "before its policy" not in caplog.text            # noise ran with policy keep (the default)
     given, _ = first_loss("given", rdpo_eps=0.1)
     assert given == pytest.approx(rdpo(h, 0.1).mean(), rel=1e-4) and given != pytest.approx(loss, rel=1e-3)
 
@@ -82,3 +83,17 @@ def test_per_pair_drop_and_clip(setup, caplog):
     assert clipped == pytest.approx(rdpo(h, np.minimum(p, 0.45)).mean(), rel=1e-4)
     assert summary["rdpo_pairs_clipped"] == 2
     assert "rdpo_over_max: clip -> their ε is set to 0.45 (their loss is scaled by 1/(1-2ε) = 10.0)" in caplog.text
+
+
+def test_an_epsilon_estimated_before_a_flip_policy_is_flagged(tmp_path, caplog):
+    from prefdata.train.config import config_from
+    from prefdata.train.robust import from_dataset
+
+    path = tmp_path / "flipped.parquet"
+    meta = {"epsilon": 0.2, "epsilon_stderr": 0.03, "n_confident": 90, "policy": "flip"}
+    pq.write_table(pa.table({"x": [1]}).replace_schema_metadata({b"prefdata_step:noise": json.dumps(meta).encode()}),
+                   path)
+    with caplog.at_level(logging.WARNING):
+        eps, info = from_dataset(config_from({"data": str(path), "model": "m", "loss": "rdpo"}))
+    assert eps == 0.2 and info["rdpo_eps_stderr"] == 0.03
+    assert "before its policy 'flip' changed the pairs" in caplog.text
