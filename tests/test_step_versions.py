@@ -28,8 +28,9 @@ from prefdata.steps import step_class
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("PREFDATA_UPDATE_GOLDEN", "").strip() not in ("", "0")
 TOLERANCE = 1e-4
-MODULES = {"sample": "sample", "score_cdr": "cdr", "score_rm": "reward", "score_flr": "flr", "judge_rubric": "judge",
-           "judge_pairwise": "judge", "rationale": "rationale", "ches": "ches", "score_flr": "flr"}
+MODULES = {"sample": "sample", "score_cdr": "cdr", "score_rm": "reward", "score_flr": "flr",
+           "score_gpm": "gpm", "judge_rubric": "judge", "judge_pairwise": "judge", "rationale": "rationale",
+           "ches": "ches"}
 
 PROMPTS = ["Name a fruit.", "How many legs does a spider have?"]
 RESPONSES = [["An apple.", "Carrots are vegetables."], ["Eight legs.", "Six, I think."]]
@@ -71,6 +72,7 @@ CASES = {
     "score_cdr": (dict(strong="tiny-lm", weak="tiny-lm-2", device="cpu", backend="transformers"), responses),
     "score_rm": (dict(model="tiny-rm", device="cpu"), responses),
     "score_flr": (dict(model="tiny-lm", device="cpu", backend="transformers"), responses),
+    "score_gpm": (dict(model="tiny-gpm", device="cpu"), responses),
     "judge_rubric": (dict(model="tiny-lm", max_new_tokens=16, max_attempts=2, backend="transformers",
                           device="cpu"), responses),
     "judge_pairwise": (dict(model="tiny-lm", max_new_tokens=16, max_attempts=2, backend="transformers",
@@ -78,23 +80,35 @@ CASES = {
     "rationale": (dict(model="tiny-lm", max_new_tokens=16, retries=1, backend="transformers",
                        device="cpu"), pairs),
     "ches": (dict(model="tiny-lm", device="cpu"), pairs),
-    "score_flr": (dict(model="tiny-lm", device="cpu", backend="transformers"), responses),
 }
 
 
 @pytest.fixture(scope="module")
 def models(tiny_llama_factory, tmp_path_factory):
-    """A folder holding ``tiny-lm``, ``tiny-lm-2`` and ``tiny-rm`` (links to session models);
-    the tests run with it as the working directory."""
+    """A folder holding ``tiny-lm``, ``tiny-lm-2``, ``tiny-rm`` (links to session models) and
+    ``tiny-gpm``; the tests run with it as the working directory."""
     folder = tmp_path_factory.mktemp("golden-models")
     made = {"tiny-lm": tiny_llama_factory(0), "tiny-lm-2": tiny_llama_factory(1),
             "tiny-rm": tiny_llama_factory(2, head="sequence_classification")}
     for name, path in made.items():
         (folder / name).symlink_to(path, target_is_directory=True)
+    made["tiny-gpm"] = tiny_gpm(folder / "tiny-gpm", backbone="tiny-lm")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
         yield {name: Path(path) for name, path in made.items()}
     clear_cache()
+
+
+def tiny_gpm(path: Path, backbone: str) -> str:
+    """A GPM folder (random head, seed 5) over the ``backbone`` tiny Llama, as train-rm writes it."""
+    import torch
+
+    from prefdata.prefmodel.heads import GPMHead
+    from prefdata.prefmodel.io import save_gpm
+
+    torch.manual_seed(5)
+    save_gpm(path, GPMHead(64, dim=4), {"backbone": backbone, "tau": 0.1})
+    return str(path)
 
 
 def run_step(name: str) -> dict:
@@ -160,7 +174,7 @@ def check_golden(step_name: str, version: str, stored: dict, actual: dict, weigh
         return (f"step {step_name} has no golden output for version {version!r} "
                 f"(tests/golden/{step_name}.json); regenerate with "
                 f"PREFDATA_UPDATE_GOLDEN=1 pytest tests/test_step_versions.py -k {step_name}")
-    if entry.get("weights") and entry["weights"] != weights:
+    if any(weights.get(name) != digest for name, digest in entry.get("weights", {}).items()):
         return (f"the tiny test models differ from those the golden output of {step_name} was "
                 f"recorded with ({entry['weights']} != {weights}; torch or transformers changed?): "
                 "the step may be fine; regenerate with PREFDATA_UPDATE_GOLDEN=1 after checking")
@@ -203,10 +217,13 @@ def test_step_output_matches_its_version(step_name, models):
 
 
 def test_every_model_holding_step_has_a_case():
-    from prefdata.step import Step
+    """Every map step that runs a model; global steps that train one (train, train_rm) are
+    checked by the trainer's own tests (exact resume, fixed-seed losses), not here."""
+    from prefdata.step import MapStep, Step
     from prefdata.steps import STEPS
 
-    holding = {name for name in STEPS if step_class(name).models is not Step.models}
+    holding = {name for name in STEPS if step_class(name).models is not Step.models
+               and issubclass(step_class(name), MapStep)}
     assert holding <= set(CASES), f"add golden cases for {sorted(holding - set(CASES))}"
 
 
