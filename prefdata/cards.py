@@ -27,6 +27,7 @@ from prefdata.card_plots import write_plots
 from prefdata.card_sections import (CREATORS, caveats, human, model_mentions, pair_score, provenance,
                                      quality)
 from prefdata.io import redact, write_text
+from prefdata.prefmodel.intransitivity import card_lines as intransitivity_lines
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def render(root, data_files, summary, frame, columns, plots, template: Path, sco
         "provenance": provenance(summary),
         "models": ", ".join(model_mentions(summary)) or "not recorded",
         "caveats": "\n".join(f"- {c}" for c in caveats(summary)) or "None recorded.",
-        "quality": quality(frame, columns, summary, data_files, score),
+        "quality": "\n".join([quality(frame, columns, summary, data_files, score), *intransitivity_lines(summary)]),
         "human": human(frame, columns),
         "license_text": license_text(card, summary),
         "plots": "\n".join(f"![{p.stem}](plots/{p.name})" for p in plots) or "(no numeric columns to plot)",

@@ -54,9 +54,9 @@ class PrefModelConfig:
     label_source: str | None = None    # keep only ai or human labels
     lr: float | None = None            # None: 1e-2 head_only, 1e-5 full
     weight_decay: float = 0.0
-    epochs: float = 30.0
+    epochs: float = 20.0
     max_steps: int = 0
-    batch_size: int = 256
+    batch_size: int = 1024
     eval_fraction: float = 0.1
     eval_max: int = 10000
     seed: int = 0

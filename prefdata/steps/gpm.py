@@ -180,8 +180,8 @@ class TrainRMConfig:
     dim: int = 8
     gate: bool = True
     normalize: bool = True
-    epochs: float = 30.0
-    batch_size: int = 256
+    epochs: float = 20.0
+    batch_size: int = 1024
     lr: float | None = None
     eval_fraction: float = 0.1
     seed: int = 0

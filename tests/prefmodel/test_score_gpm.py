@@ -87,3 +87,17 @@ def test_from_verdicts_counts_only_agreed_orders():
     assert "1 of 2 prompts (50.0%)" in line
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['nope'\]"):
         from_verdicts(pairs, "nope")
+
+
+def test_dataset_card_reports_intransitivity(tmp_path):
+    from prefdata.cards import write_card
+
+    data = tmp_path / "pairs.parquet"
+    pl.DataFrame({"prompt_id": ["p"], "chosen": [[{"role": "assistant", "content": "a"}]],
+                  "rejected": [[{"role": "assistant", "content": "b"}]]}).write_parquet(data)
+    summary = {"steps": [{"step": "score_gpm", "label": "score_gpm", "kind": "map", "rows_in": 9, "rows_out": 9,
+                          "fingerprint": "abc", "seconds": 1.0, "shards": 1, "shards_cached": 0,
+                          "counts": {"gpm_prompts": 4, "gpm_prompts_with_cycle": 1, "gpm_cyclic_triples": 2}}]}
+    text = write_card(tmp_path, [data], summary).read_text()
+    assert "Intransitivity (`gpm`, step `score_gpm`): 1 of 4 prompts (25.0%) have at least one cyclic triple" in text
+    assert "2 cyclic triples in all" in text
