@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return argilla_main((["-v"] if verbose else []) + rest[1:])
     parser = _parser()
     args = parser.parse_args(argv)
-    args.verbose = args.verbose or verbose
+    args.verbose = args.verbose or verbose or getattr(args, "sub_verbose", False)
     configure_logging(args.verbose)
     try:
         return args.func(args)
@@ -84,8 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     parser.add_argument("--version", action="version", version=f"prefdata {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    verbose = argparse.ArgumentParser(add_help=False)  # -v after the command works too
+    verbose.add_argument("-v", "--verbose", dest="sub_verbose", action="store_true",
+                         help="debug logging and full tracebacks")
 
-    run = sub.add_parser("run", help="run (or resume) a recipe", description="Run or resume a recipe.")
+    run = sub.add_parser("run", parents=[verbose], help="run (or resume) a recipe", description="Run or resume a recipe.")
     run.add_argument("recipe", help="a YAML recipe, e.g. pipelines/quickstart.yaml")
     run.add_argument("--workdir", help="cache and resume folder (overrides the recipe)")
     run.add_argument("--output", help="output parquet (overrides the recipe)")
@@ -104,17 +107,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars (the libraries' own included)")
     run.set_defaults(func=cmd_run)
 
-    steps = sub.add_parser("steps", help="every step: kind, columns, options with defaults and help",
+    steps = sub.add_parser("steps", parents=[verbose], help="every step: kind, columns, options with defaults and help",
                            description="List the steps a recipe can name, with their options.")
     steps.add_argument("names", nargs="*", help="only these steps")
     steps.set_defaults(func=cmd_steps)
 
-    inspect = sub.add_parser("inspect", help="schema, row count, sample rows and score summary of a parquet file or folder")
+    inspect = sub.add_parser("inspect", parents=[verbose], help="schema, row count, sample rows and score summary of a parquet file or folder")
     inspect.add_argument("path")
     inspect.add_argument("--rows", type=int, default=3, help="sample rows to show")
     inspect.set_defaults(func=cmd_inspect)
 
-    gc = sub.add_parser("gc", help="remove cache folders that no given recipe uses any more",
+    gc = sub.add_parser("gc", parents=[verbose], help="remove cache folders that no given recipe uses any more",
                         description="Remove the fingerprint folders (and prompt stores) of WORKDIR that the given "
                                     "recipes, with the same --set and --limit, would not use.")
     gc.add_argument("workdir")
@@ -126,12 +129,12 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed, with sizes; remove nothing")
     gc.set_defaults(func=cmd_gc)
 
-    card = sub.add_parser("card", help="(re)write the dataset card and plots of an output folder or parquet file")
+    card = sub.add_parser("card", parents=[verbose], help="(re)write the dataset card and plots of an output folder or parquet file")
     card.add_argument("outdir", help="an output folder, or a folder or .parquet file without a run summary "
                                      "(e.g. a pulled or exported file): the card then describes the data alone")
     card.set_defaults(func=cmd_card)
 
-    hub = sub.add_parser("push-to-hub", help="upload an output folder as a Hub dataset (token from HF_TOKEN)")
+    hub = sub.add_parser("push-to-hub", parents=[verbose], help="upload an output folder as a Hub dataset (token from HF_TOKEN)")
     hub.add_argument("outdir")
     hub.add_argument("repo_id")
     hub.add_argument("--private", action="store_true")
@@ -162,7 +165,10 @@ def _pipeline(args, progress: bool = True):
 
 def cmd_run(args) -> int:
     from prefdata.pipeline import format_summary
+    from prefdata.rounds import cmd_rounds, wants_rounds
 
+    if wants_rounds(args.recipe):  # on-policy rounds: the recipe runs once per round
+        return cmd_rounds(args)
     pipeline = _pipeline(args, progress=not args.no_progress)
     if args.dry_run:
         from prefdata.plan import format_plan

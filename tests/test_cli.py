@@ -173,3 +173,10 @@ def test_inspect_folder_with_different_schemas_and_a_bad_file(capsys, tmp_path):
     data.write_text('{"prompt": "hi"}\n')
     rc, _, err = cli(capsys, "inspect", str(data))
     assert rc == 2 and f"{data}: not a parquet file" in err
+
+
+def test_verbose_after_the_command(capsys, tmp_path):
+    rc, _, err = cli(capsys, "inspect", str(tmp_path / "nothing"))
+    assert rc == 2 and err.strip() == f"prefdata: error: {tmp_path / 'nothing'}: no such file or folder"
+    with pytest.raises(FileNotFoundError):  # -v: the full traceback
+        main(["inspect", str(tmp_path / "nothing"), "-v"])
