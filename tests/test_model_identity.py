@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_llama
+from prefdata.testing import make_tiny_llama
 from prefdata.models import identity
 from prefdata.models.identity import ModelRef, resolve_identity
 from prefdata.steps.cdr import ScoreCDR

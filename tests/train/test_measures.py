@@ -12,7 +12,7 @@ from prefdata.train.config import config_from
 from prefdata.train.data import DataError, load_examples, split_eval
 from prefdata.train.trainer import load_policy, train
 
-from conftest import pair_table
+from train_data import pair_table
 from test_trainer import cfg_for
 
 

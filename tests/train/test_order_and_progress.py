@@ -9,7 +9,7 @@ import pyarrow as pa
 from prefdata.train.data import curriculum_batches
 from prefdata.train.trainer import train
 
-from conftest import pair_table
+from train_data import pair_table
 from test_trainer import cfg_for, log_rows
 
 

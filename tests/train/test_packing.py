@@ -64,7 +64,7 @@ def test_packing_is_checked_and_refused_or_replaced_for_a_sliding_window_model(
         sliding_window_model, tiny_model, pairs_file, tmp_path, caplog):
     import logging
 
-    from conftest import direct_logps
+    from train_data import direct_logps
 
     from prefdata.train.trainer import train
     from test_trainer import cfg_for, log_rows

@@ -11,7 +11,7 @@ import pytest
 
 from prefdata.train.trainer import train
 
-from conftest import direct_logps, pair_table
+from train_data import direct_logps, pair_table
 from test_trainer import cfg_for, log_rows
 
 BETA = 0.1

@@ -86,7 +86,7 @@ def logsig(x):
 def test_first_step_loss_of_every_loss_is_its_value_on_the_data(tiny_model, pairs_file, tmp_path):
     """Step 1's logged loss (before any update: policy = reference) against each formula on
     log-probs computed here by ordinary forwards."""
-    from conftest import direct_logps
+    from train_data import direct_logps
 
     data = pairs_file(8)
     lp, n = direct_logps(tiny_model, data)
@@ -123,14 +123,14 @@ def test_pro_trains_on_lists_and_lists_need_a_list_loss(tiny_model, tmp_path):
 
 
 def _table_without(column, rows=4):
-    from conftest import pair_table
+    from train_data import pair_table
 
     t = pair_table(rows)
     return t.drop_columns([column])
 
 
 def test_bad_data_gives_clear_errors(tiny_model, pairs_file, tmp_path, capsys):
-    from conftest import pair_table
+    from train_data import pair_table
 
     base = ["--model", tiny_model, "--output", str(tmp_path / "bad"), "--set", "device=cpu"]
     # missing column
