@@ -7,7 +7,7 @@ re-tokenized (padding, eos and anything after it never count).
 
 - ours: the ``sample`` step (continuous batching, one prefill per prompt).
 - baseline: the step before it (``baseline_transformers_backend``: static batches through
-  ``model.generate``), same batch size.
+  ``model.generate``) at its default batch size then (16; the step now defaults to 32 slots).
 - distilabel: ``TransformersLLM.generate`` (1.5.3; the transformers text-generation
   pipeline, one prompt at a time with ``num_return_sequences=N``), repetition penalty
   1.0 and top_k 0 so it samples from the same distribution. A benchmark-only dependency:
@@ -67,7 +67,8 @@ LONG = [
     "Write a paragraph on the history of the bicycle.",
     "Describe a walk through a busy market in the morning.",
 ]
-N, TEMPERATURE, TOP_P, SEED, BATCH_SIZE = 4, 0.8, 0.95, 0, 16
+N, TEMPERATURE, TOP_P, SEED = 4, 0.8, 0.95, 0
+BASELINE_BATCH_SIZE = 16  # the step's default before continuous batching (now 32 slots)
 
 
 def conversations() -> list[list[dict]]:
@@ -80,7 +81,7 @@ def count_tokens(tokenizer, texts: list[str]) -> int:
 
 def run_ours(table: pa.Table, max_new: int) -> tuple[float, list[str]]:
     step = Sample(n=N, temperature=TEMPERATURE, top_p=TOP_P, max_new_tokens=max_new, seed=SEED,
-                  backend="transformers", device="cpu", batch_size=BATCH_SIZE)
+                  backend="transformers", device="cpu")  # the step's defaults
     step.setup()
     start = time.perf_counter()
     out = step.process(table)
@@ -186,7 +187,7 @@ def main() -> None:
                       "source": ["bench"] * len(convs)}, schema=schema.PROMPT)
     ours_lm = load_model(hub.SMOLLM2, backend="transformers", device="cpu")
     tok = ours_lm.tokenizer
-    old = baseline.TransformersLM(hub.SMOLLM2, device="cpu", batch_size=BATCH_SIZE)
+    old = baseline.TransformersLM(hub.SMOLLM2, device="cpu", batch_size=BASELINE_BATCH_SIZE)
     peer, why = load_distilabel()
     if peer is None:
         print(f"distilabel: skipped: {why}")
@@ -211,7 +212,8 @@ def main() -> None:
 
     rate = {name: t / s for name, (s, t) in totals.items() if s > 0}
     print(f"{len(SHORT)} one-word + {len(LONG)} paragraph prompts x n={N}, max_new_tokens={args.max_new_tokens}, "
-          f"temperature={TEMPERATURE}, top_p={TOP_P}, batch_size={BATCH_SIZE}, {args.rounds} rounds")
+          f"temperature={TEMPERATURE}, top_p={TOP_P}, {args.rounds} rounds; batch size: step "
+          f"{Sample().config.batch_size} slots, baseline {BASELINE_BATCH_SIZE} rows, distilabel one prompt's N")
     print(f"short replies: median {sorted(short_lens)[len(short_lens) // 2]} tokens (ours)")
     labels = {"ours": "sample step (continuous)", "distilabel": "distilabel TransformersLLM",
               "baseline": "sample step before (static)", "ceiling": "forward only (ceiling)"}

@@ -92,8 +92,9 @@ class SlotLayer(DynamicLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         o = self.owner
-        self.keys[o.rows, :, o.lengths] = key_states[:, :, -1]
-        self.values[o.rows, :, o.lengths] = value_states[:, :, -1]
+        dim = self.keys.shape[-1]
+        self.keys.view(-1, dim).index_copy_(0, o.write_at, key_states[:, :, -1].reshape(-1, dim))
+        self.values.view(-1, dim).index_copy_(0, o.write_at, value_states[:, :, -1].reshape(-1, dim))
         return self.keys[:o.active, :, :o.width], self.values[:o.active, :, :o.width]
 
     def get_seq_length(self) -> int:
@@ -110,7 +111,7 @@ class SlotCache(Cache):
         super().__init__(layers=[])
         self.slots, self.max_length, self.capacity = slots, max_length, 0
         self.active, self.width = 0, 0
-        self.rows = self.lengths = None
+        self.write_at = None
 
     def write_prompt(self, slot: int, prompt: DynamicCache) -> None:
         """Copy a prefilled prompt's keys and values (batch row 0) into ``slot``."""
@@ -132,10 +133,12 @@ class SlotCache(Cache):
 
     def begin_step(self, lengths: torch.Tensor) -> None:
         """Rows ``0..len(lengths)-1`` each write their next key at column ``lengths[row]``."""
-        self.active, self.lengths = len(lengths), lengths
-        self.rows = torch.arange(self.active, device=lengths.device)
-        self.width = int(lengths.max()) + 1
+        self.active, self.width = len(lengths), int(lengths.max()) + 1
         self._ensure(self.width)
+        heads = self.layers[0].keys.shape[1]
+        # flat row of (slot, head, column) in a [slots * heads * capacity, dim] view
+        slot_head = torch.arange(self.active * heads, device=lengths.device)
+        self.write_at = slot_head * self.capacity + lengths.repeat_interleave(heads)
 
     def _ensure(self, width: int) -> None:
         if width > self.capacity:
@@ -215,16 +218,20 @@ def _inverse_cdf(weights, uniforms):
 
 # -- the scheduler --------------------------------------------------------------------------
 class ContinuousBatcher:
-    """Runs draws through a fixed number of slots; call ``run`` once."""
+    """Runs draws through a fixed number of slots; call ``run`` once.
+
+    ``rowwise`` (default: on CPU) selects the row-exact decode step; otherwise one batched
+    attention with a per-row mask (the GPU path).
+    """
 
     def __init__(self, model, prompts: list[list[int]], draws: list[Draw], settings: DecodeSettings,
-                 stop=None, progress=None):
+                 stop=None, progress=None, rowwise: bool | None = None):
         self.model, self.base = model, model.base_model
         self.device = next(model.parameters()).device
         self.prompts, self.draws, self.s, self.stop = prompts, draws, settings, stop
         self.progress = progress
         self.slots = min(settings.slots, len(draws))
-        self.rowwise = self.device.type == "cpu"
+        self.rowwise = self.device.type == "cpu" if rowwise is None else rowwise
         self.rows = max(self.slots, MIN_ROWS) if self.rowwise else self.slots
         longest = max(len(prompts[d.prompt]) for d in draws) if draws else 1
         self.cache = SlotCache(self.rows, longest + settings.max_new_tokens)

@@ -389,3 +389,27 @@ def test_hidden_state_sums_equal_float64_sums_of_the_states(tiny):
     assert counts.tolist() == [len(h) for h in states]
     assert sums.dtype == np.float64
     np.testing.assert_allclose(sums, np.stack([h.astype(np.float64).sum(0) for h in states]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_batched_mask_path_gives_the_row_exact_tokens(eos_prone, attention):
+    """The GPU path (one masked attention over padded rows), run here on CPU, samples the
+    same tokens as the row-exact CPU path, with SDPA (boolean mask) and eager (additive)."""
+    from prefdata.models.base import draw_seed
+    from prefdata.models.continuous import ContinuousBatcher, DecodeSettings, Draw
+
+    lm = _lm(eos_prone, 4)
+    model = LlamaForCausalLM.from_pretrained(eos_prone, attn_implementation=attention).eval()
+    prompts = [lm._prompt_ids(q) for q in QUESTIONS[:3]]
+    settings = DecodeSettings(temperature=1.0, top_p=0.95, max_new_tokens=16, min_new_tokens=0,
+                              eos_ids=tuple(lm.eos_ids), slots=4)
+
+    def run(rowwise):
+        draws = [Draw(p, k, torch.Generator().manual_seed(draw_seed(5, str(p), k)))
+                 for p in range(3) for k in range(3)]
+        return [(d.tokens, d.finish_reason) for d in
+                ContinuousBatcher(model, prompts, draws, settings, rowwise=rowwise).run()]
+
+    exact, batched = run(True), run(False)
+    assert batched == exact
+    assert len({len(tokens) for tokens, _ in exact}) > 3

@@ -37,3 +37,26 @@ def test_logprobs_match_transformers(vllm_model):
     for a, b in zip(got, expected):
         assert a.n_tokens == b.n_tokens
         assert a.sum == pytest.approx(b.sum, abs=0.05)
+
+
+def test_draws_are_seeded_per_prompt_not_per_call(vllm_model):
+    """A prompt's draws (seed, key, sample index) do not depend on the other requests."""
+    sampling = Sampling(temperature=1.0, max_new_tokens=24, seed=7)
+    both = vllm_model.generate_replies(CONVERSATIONS, 3, sampling, keys=["a", "b"])
+    alone = vllm_model.generate_replies(CONVERSATIONS[1:], 3, sampling, keys=["b"])
+    assert alone[0] == both[1]
+    later = vllm_model.generate_replies(CONVERSATIONS[1:], 2, sampling, keys=["b"], first_index=[1])
+    assert later[0] == both[1][1:]
+    assert {g.finish_reason for row in both for g in row} <= {"stop", "length"}
+
+
+def test_stop_strings_and_min_new_tokens(vllm_model):
+    free = vllm_model.generate_replies(CONVERSATIONS[:1], 1, Sampling(temperature=0.0, max_new_tokens=32))
+    text = free[0][0].text
+    stop = text.split()[2]
+    cut = vllm_model.generate_replies(CONVERSATIONS[:1], 1, Sampling(temperature=0.0, max_new_tokens=32,
+                                                                      stop=(stop,)))
+    assert cut[0][0].text == text[:text.index(stop)] and cut[0][0].finish_reason == "stop"
+    held = vllm_model.generate_replies(CONVERSATIONS[:1], 1, Sampling(temperature=0.0, max_new_tokens=8,
+                                                                       min_new_tokens=8))
+    assert held[0][0].finish_reason == "length"
