@@ -12,7 +12,7 @@ import yaml
 
 from prefdata.step import build_config
 
-Loss = Literal["dpo", "rpo", "rdpo", "cdpo", "ipo", "simpo", "pro"]
+Loss = Literal["dpo", "rpo", "rdpo", "cdpo", "ipo", "simpo", "pro", "ld_dpo"]
 
 
 @dataclass
@@ -33,7 +33,9 @@ class TrainConfig:
     rdpo_eps_max: float = 0.45          # < 0.5; per-pair flip_prob above it: see rdpo_over_max
     rdpo_over_max: Literal["flip", "clip", "drop"] = "flip"  # flip: swap the pair (the ensemble
                                         # believes the label is wrong), p -> 1 - p
-    label_smoothing: float = 0.1        # cDPO ε
+    label_smoothing: float | str = 0.1  # cDPO ε, or "label_prob": 1 − each pair's label_prob
+    ld_alpha: float = 0.5               # LD-DPO: weight in [0, 1] of the longer response's excess tokens
+    ipo_normalize: Literal["sum", "per_token"] = "sum"  # per_token: each log-ratio / its tokens (TRL)
     simpo_beta: float = 2.0
     simpo_gamma: float = 0.5
     pro_sft_weight: float = 0.05
@@ -92,7 +94,7 @@ RESUMABLE_CHANGES = {
     "log_every", "eval_every", "save_every", "keep_checkpoints", "progress",
     "tensorboard", "wandb", "wandb_project", "device", "ref_cache_dir", "ref_batch_size",
 }
-RDPO_EPS_MODES = ("dataset", "per_pair")
+RDPO_EPS_MODES = ("dataset", "per_pair", "label_prob")
 
 
 def config_from(values: dict, where: str = "train config") -> TrainConfig:
@@ -152,8 +154,13 @@ def check(cfg: TrainConfig) -> None:
     if not isinstance(cfg.rdpo_eps, str) and not 0.0 <= cfg.rdpo_eps <= cfg.rdpo_eps_max:
         raise ValueError(f"train config: 'rdpo_eps' must be in [0, rdpo_eps_max={cfg.rdpo_eps_max}], "
                          f"got {cfg.rdpo_eps}")
-    if not 0.0 <= cfg.label_smoothing < 0.5:
-        raise ValueError(f"train config: 'label_smoothing' must be in [0, 0.5), got {cfg.label_smoothing}")
+    if isinstance(cfg.label_smoothing, str) and cfg.label_smoothing != "label_prob" or not isinstance(
+            cfg.label_smoothing, str) and not 0.0 <= cfg.label_smoothing < 0.5:
+        raise ValueError(f"train config: 'label_smoothing' must be in [0, 0.5) or 'label_prob' (each pair's "
+                         f"soft label from build_pairs), got {cfg.label_smoothing!r}")
+    if not 0.0 <= cfg.ld_alpha <= 1.0:
+        raise ValueError(f"train config: 'ld_alpha' must be in [0, 1] (LD-DPO's weight of the longer "
+                         f"response's excess tokens; 1 is DPO), got {cfg.ld_alpha}")
     if cfg.beta <= 0 or cfg.simpo_beta <= 0:
         raise ValueError("train config: 'beta' and 'simpo_beta' must be > 0")
     check_schedule(cfg)

@@ -35,6 +35,7 @@ class Examples:
     ids: list[str]                         # pair_id (or row number)
     scores: list[list[float]] | None = None
     flip_prob: list[float] | None = None
+    label_prob: list[float] | None = None  # build_pairs' Bradley–Terry soft label, P(chosen ≻ rejected)
     groups: list[str] = field(default_factory=list)     # prompt_id (or the prompt's tokens): eval split unit
     iteration: np.ndarray | None = None    # curriculum iteration and order, when the data has them
     order: np.ndarray | None = None
@@ -76,7 +77,7 @@ def load_examples(path: str | Path, tokenizer, max_length: int,
             f"or {missing_lists} for a list file (needs {list(LIST_COLUMNS)}); found {names}. "
             "Point --data at the output of the pipeline's build step."
         )
-    extra = [c for c in ("pair_id", "prompt_id", "score_chosen", "score_rejected", "flip_prob",
+    extra = [c for c in ("pair_id", "prompt_id", "score_chosen", "score_rejected", "flip_prob", "label_prob",
                          "iteration", "curriculum_order") if c in names]
     table = pq.read_table(path, columns=columns + extra)
     rows = table.to_pydict()
@@ -146,6 +147,12 @@ def load_examples(path: str | Path, tokenizer, max_length: int,
             stats["flip_prob_nulls"] = len(nulls)
         else:
             ex.flip_prob = [float(x) for x in fp]
+    if "label_prob" in rows:
+        lp = rows["label_prob"]
+        nulls = [i for i, x in enumerate(lp) if x is None]
+        ex.label_prob = None if nulls else [float(x) for x in lp]
+        if nulls:
+            stats["label_prob_nulls"] = len(nulls)
     lengths = ex.lengths()
     stats.update(mean_packed_tokens=float(lengths.mean()), max_packed_tokens=int(lengths.max()))
     ex.fingerprint = _fingerprint(ex)
@@ -177,10 +184,36 @@ def subset(ex: Examples, keep: np.ndarray, flip: np.ndarray | None = None) -> Ex
                    scores=None if ex.scores is None else [ex.scores[i][::-1] if flip[i] else ex.scores[i] for i in idx],
                    flip_prob=None if ex.flip_prob is None else
                    [1.0 - ex.flip_prob[i] if flip[i] else ex.flip_prob[i] for i in idx],
+                   label_prob=None if ex.label_prob is None else
+                   [1.0 - ex.label_prob[i] if flip[i] else ex.label_prob[i] for i in idx],
                    iteration=None if ex.iteration is None else ex.iteration[idx],
                    order=None if ex.order is None else ex.order[idx], stats=dict(ex.stats))
     out.fingerprint = _fingerprint(out)
     return out
+
+
+def with_ld_prefix(ex: Examples) -> Examples:
+    """LD-DPO's data: each pair whose responses differ in length gets a third response, the
+    longer one's first l_p = min(|y_w|, |y_l|) tokens, whose summed log-prob (causal, so the
+    same as over those positions of the full response) is the "public" part of the loss.
+    The packed forward then reads up to l_p more tokens per pair (the prompt stays shared):
+    the price of keeping one log-prob path (sums per response) for every loss."""
+    responses = []
+    for rs in ex.responses:
+        c, r = rs[0], rs[1]
+        responses.append([c, r] if len(c) == len(r) else [c, r, (c if len(c) > len(r) else r)[:min(len(c), len(r))]])
+    out = Examples(**{**ex.__dict__, "responses": responses})
+    out.fingerprint = _fingerprint(out)
+    return out
+
+
+def require_label_prob(ex: Examples, cfg, path) -> None:
+    """cDPO/rDPO with per-pair soft labels need every pair's label_prob."""
+    if ex.label_prob is None:
+        why = "has nulls" if ex.stats.get("label_prob_nulls") else "is missing"
+        raise DataError(f"{path}: the 'label_prob' column {why}; loss {cfg.loss} with "
+                        f"{'label_smoothing' if cfg.loss == 'cdpo' else 'rdpo_eps'}: label_prob reads each pair's soft "
+                        "label. Build the pairs with build_pairs with label_prob: true, or set a number")
 
 
 def _messages(value, column: str, where: str) -> list[dict]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PAIR_LOSSES = ("dpo", "rpo", "rdpo", "cdpo", "ipo", "simpo")
+PAIR_LOSSES = ("dpo", "rpo", "rdpo", "cdpo", "ipo", "simpo", "ld_dpo")
 LIST_LOSSES = ("pro",)
 LOSSES = PAIR_LOSSES + LIST_LOSSES
 REFERENCE_FREE = ("simpo", "pro")
@@ -74,13 +74,20 @@ def cdpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
     return (1 - eps) * -F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
 
 
-def ipo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, tau: float):
-    """IPO: (h − 1/(2τ))², on summed log-probs as in the paper (TRL averages per token).
+def ipo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, tau: float,
+             chosen_n_tokens=None, rejected_n_tokens=None, normalize: str = "sum"):
+    """IPO: (h − 1/(2τ))², on summed log-probs as in the paper (``normalize: sum``); with
+    ``per_token`` each log-ratio is divided by its response's token count, as TRL computes
+    it, so a TRL run can be reproduced.
 
     Azar et al., "A General Theoretical Paradigm to Understand Learning from Human
     Preferences", AISTATS 2024.
     """
-    h = _logratio_diff(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    if normalize == "per_token":
+        h = ((chosen_logps - ref_chosen_logps) / chosen_n_tokens.clamp(min=1)
+             - (rejected_logps - ref_rejected_logps) / rejected_n_tokens.clamp(min=1))
+    else:
+        h = _logratio_diff(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return (h - 1 / (2 * tau)) ** 2
 
 
@@ -125,8 +132,46 @@ def pro_loss(logps, n_tokens, valid, scores=None, sft_weight: float = 0.05):
     return total + sft_weight * nll_best
 
 
-def rewards(loss: str, logps, n_tokens, ref_logps, beta: float, simpo_beta: float):
+def ld_logps(logps, public_logps, alpha: float):
+    """LD-DPO's length-desensitised log-probability: the part over the first l_p tokens plus
+    α times the rest, l_p = min(|y_w|, |y_l|) (for the shorter response the rest is empty)."""
+    return public_logps + alpha * (logps - public_logps)
+
+
+def ld_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                chosen_public_logps, rejected_public_logps, ref_chosen_public_logps, ref_rejected_public_logps,
+                beta: float, alpha: float):
+    """LD-DPO: DPO on log π̂(y|x) = log π(y_{≤l_p}|x) + α·log π(y_{>l_p}|x), for the policy and
+    the reference alike, with l_p the shorter response's length; α = 1 is DPO, α < 1 damps
+    the verbosity that the longer response's extra tokens push into the DPO gradient.
+
+    Liu et al., "Length Desensitization in Direct Preference Optimization", 2024.
+    ``*_public_logps`` are the summed log-probs of each response's first l_p tokens.
+    """
+    return dpo_loss(ld_logps(chosen_logps, chosen_public_logps, alpha),
+                    ld_logps(rejected_logps, rejected_public_logps, alpha),
+                    ld_logps(ref_chosen_logps, ref_chosen_public_logps, alpha),
+                    ld_logps(ref_rejected_logps, ref_rejected_public_logps, alpha), beta)
+
+
+def ld_public_logps(logps, n_tokens):
+    """Each side's log-prob over the first l_p = min(|y_w|, |y_l|) tokens, from [B, 3] rows
+    ``[chosen, rejected, the longer one's first l_p tokens]`` (``train.data.with_ld_prefix``;
+    column 2 is unused where the lengths are equal)."""
+    c_longer = n_tokens[:, 0] > n_tokens[:, 1]
+    r_longer = n_tokens[:, 1] > n_tokens[:, 0]
+    prefix = logps[:, 2] if logps.shape[1] > 2 else logps[:, 0]
+    return torch.where(c_longer, prefix, logps[:, 0]), torch.where(r_longer, prefix, logps[:, 1])
+
+
+def rewards(loss: str, logps, n_tokens, ref_logps, beta: float, simpo_beta: float, ld_alpha: float = 1.0):
     """The implicit reward of each response, [B, K]: what reward accuracy and margins use."""
+    if loss == "ld_dpo":  # [B, 2] from the [B, 3] rows (chosen, rejected, prefix)
+        c, r = ld_public_logps(logps, n_tokens)
+        rc, rr = ld_public_logps(ref_logps, n_tokens)
+        pol = torch.stack([ld_logps(logps[:, 0], c, ld_alpha), ld_logps(logps[:, 1], r, ld_alpha)], 1)
+        ref = torch.stack([ld_logps(ref_logps[:, 0], rc, ld_alpha), ld_logps(ref_logps[:, 1], rr, ld_alpha)], 1)
+        return beta * (pol - ref)
     if loss == "simpo":
         return simpo_beta * logps / n_tokens.clamp(min=1)
     if loss == "pro":
@@ -134,7 +179,8 @@ def rewards(loss: str, logps, n_tokens, ref_logps, beta: float, simpo_beta: floa
     return beta * (logps - ref_logps)
 
 
-def compute_loss(cfg, logps, n_tokens, valid, ref_logps=None, scores=None, flip_prob=None, rdpo_eps=None):
+def compute_loss(cfg, logps, n_tokens, valid, ref_logps=None, scores=None, flip_prob=None, rdpo_eps=None,
+                 label_prob=None):
     """Dispatch on ``cfg.loss``: per-example losses [B] for [B, K] log-probs (K = 2 for pairs).
 
     rDPO takes ``rdpo_eps`` (one ε, resolved at start by robust.py) or else the per-pair
@@ -148,15 +194,22 @@ def compute_loss(cfg, logps, n_tokens, valid, ref_logps=None, scores=None, flip_
     rc, rr = ref_logps[:, 0], ref_logps[:, 1]
     if name == "dpo":
         return dpo_loss(c, r, rc, rr, cfg.beta)
+    if name == "ld_dpo":
+        pc, pr = ld_public_logps(logps, n_tokens)
+        prc, prr = ld_public_logps(ref_logps, n_tokens)
+        return ld_dpo_loss(c, r, rc, rr, pc, pr, prc, prr, cfg.beta, cfg.ld_alpha)
     if name == "rpo":
         return rpo_loss(c, r, rc, rr, n_tokens[:, 0], cfg.beta, cfg.rpo_alpha)
     if name == "rdpo":
         eps = rdpo_eps if rdpo_eps is not None else flip_prob
+        if cfg.rdpo_eps == "label_prob":  # per-pair soft label: ε = 1 − P(chosen ≻ rejected)
+            eps = None if label_prob is None else 1 - label_prob
         if eps is None:
             raise ValueError("rdpo: no ε: give rdpo_eps or the per-pair flip_prob")
         return rdpo_loss(c, r, rc, rr, cfg.beta, eps, cfg.rdpo_eps_max)
     if name == "cdpo":
-        return cdpo_loss(c, r, rc, rr, cfg.beta, cfg.label_smoothing)
+        smoothing = cfg.label_smoothing if cfg.label_smoothing != "label_prob" else 1 - label_prob
+        return cdpo_loss(c, r, rc, rr, cfg.beta, smoothing)
     if name == "ipo":
-        return ipo_loss(c, r, rc, rr, cfg.beta)
+        return ipo_loss(c, r, rc, rr, cfg.beta, n_tokens[:, 0], n_tokens[:, 1], cfg.ipo_normalize)
     raise ValueError(f"unknown loss {name!r}; choose one of {list(LOSSES)}")

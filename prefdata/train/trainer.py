@@ -34,7 +34,7 @@ from prefdata.train.checkpoints import (check_resumable, load_checkpoint, new_ru
 from prefdata.train.config import TrainConfig, as_dict, config_from, parse_set, read_recipe
 from prefdata.train.distributed import Ranks
 from prefdata.train.data import (DataError, curriculum_batches, epoch_batches, load_examples, micro_batches,
-                                 split_eval)
+                                 require_label_prob, split_eval, with_ld_prefix)
 from prefdata.train.reference import check_same_tokenizer, reference_logps
 from prefdata.train.verify import choose_logps
 
@@ -115,7 +115,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
         check_same_tokenizer(tokenizer, cfg.reference, cfg.model)
     examples = load_examples(cfg.data, tokenizer, cfg.max_length, cfg.max_prompt_length)
     check_data_fits_loss(examples, cfg)
-    examples, rdpo_eps, rdpo_info = robust.prepare(examples, cfg)
+    examples, rdpo_eps, rdpo_info = (robust.prepare(examples, cfg) if cfg.rdpo_eps != "label_prob"
+                                     else (examples, None, {"rdpo_eps_source": "label_prob"}))
+    examples = loss_data(examples, cfg)
     identity = run_identity(cfg, examples.fingerprint, {"rdpo_eps": rdpo_info.get("rdpo_eps")})
     if ckpt is not None:
         check_resumable(ckpt, cfg, identity)
@@ -198,9 +200,12 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
         ref_b = None if ref is None else torch.nan_to_num(torch.tensor(ref[idx], dtype=torch.float32, device=device))
         scores = None if examples.scores is None else pad_rows([examples.scores[i] for i in idx], logps)
         flip = None if examples.flip_prob is None else torch.tensor([examples.flip_prob[i] for i in idx], device=device)
-        loss = losses.compute_loss(cfg, logps, n_tokens, valid, ref_b, scores, flip, rdpo_eps)
-        rew = losses.rewards(cfg.loss, logps, n_tokens, ref_b, cfg.beta, cfg.simpo_beta)
-        return loss, {"rewards": rew.detach(), "logps": logps.detach(), "valid": valid}
+        soft = None if examples.label_prob is None else torch.tensor([examples.label_prob[i] for i in idx],
+                                                                   device=device)
+        loss = losses.compute_loss(cfg, logps, n_tokens, valid, ref_b, scores, flip, rdpo_eps, soft)
+        rew = losses.rewards(cfg.loss, logps, n_tokens, ref_b, cfg.beta, cfg.simpo_beta, cfg.ld_alpha)
+        k = rew.shape[1]  # ld_dpo's third (prefix) response is no response of its own
+        return loss, {"rewards": rew.detach(), "logps": logps.detach()[:, :k], "valid": valid[:, :k]}
 
     def evaluate() -> dict:
         if len(eval_idx) == 0 or not ranks.main:
@@ -298,6 +303,14 @@ def check_data_fits_loss(examples, cfg: TrainConfig) -> None:
     if examples.kind == "lists" and cfg.loss not in losses.LIST_LOSSES:
         raise DataError(f"{cfg.data} holds ranked lists; '{cfg.loss}' needs pairs. Use --loss pro, "
                         "or build pairs with the pipeline's build step")
+
+
+def loss_data(examples, cfg: TrainConfig):
+    """What a loss reads beyond the pairs: per-pair soft labels, LD-DPO's prefixes."""
+    if "label_prob" in (cfg.label_smoothing if cfg.loss == "cdpo" else None,
+                        cfg.rdpo_eps if cfg.loss == "rdpo" else None):
+        require_label_prob(examples, cfg, cfg.data)
+    return with_ld_prefix(examples) if cfg.loss == "ld_dpo" else examples
 
 
 def use_curriculum(cfg: TrainConfig, examples) -> bool:
