@@ -120,3 +120,19 @@ def test_bad_pair_tables_are_named(tmp_path, make_pairs, problem, match):
 def test_odd_dim_config_is_refused(tmp_path, make_pairs):
     with pytest.raises(ValueError, match="dim .*even.* got 5"):
         train(PrefModelConfig(data="x.parquet", output=str(tmp_path), objective="gpm", dim=5))
+
+
+def test_read_pairs_respects_label_source_and_margin(tmp_path, make_pairs):
+    from prefdata.prefmodel.data import read_pairs
+
+    path = make_pairs(tmp_path / "pairs.parquet", extra={"label_source": ["ai", "human"] * 8,
+                                                         "margin": [float(i) for i in range(16)]})
+    p = read_pairs(path, margin_column="margin", label_source="human")
+    assert len(p) == 8 and p.margin.tolist() == [float(i) for i in range(1, 16, 2)]
+    assert p.label_source == ["human"] * 8
+    # each distinct (prompt, response) is one item: 8 prompts x (2 chosen texts + 2 rejected) over both labels
+    assert len(read_pairs(path).texts) == 8 * 4
+    with pytest.raises(DataError, match=r"pairs.parquet: margin_column 'gap' is not a column"):
+        read_pairs(path, margin_column="gap")
+    with pytest.raises(DataError, match=r"no pair has label_source == 'robot'"):
+        read_pairs(path, label_source="robot")
