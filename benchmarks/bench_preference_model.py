@@ -52,6 +52,8 @@ def bench_head(args) -> dict:
     out = {}
     for objective in ("bt", "gpm"):
         cfg = PrefModelConfig(data="-", output="-", objective=objective, epochs=args.epochs)  # default batch
+        fit_head(make_head(cfg, d), feats, chosen, rejected, np.arange(n_pairs),
+                 PrefModelConfig(data="-", output="-", objective=objective, max_steps=5))  # warm-up
         head = make_head(cfg, d)
         t0 = time.perf_counter()
         steps = fit_head(head, feats, chosen, rejected, np.arange(n_pairs), cfg)

@@ -131,7 +131,8 @@ def fit_head(head, feats: Features, chosen: np.ndarray, rejected: np.ndarray, tr
     while step < total:
         for idx in epoch_batches(train_rows, ones, cfg.batch_size, cfg.seed, step // per_epoch, False):
             c, r = chosen[idx], rejected[idx]
-            loss = pair_loss(head, feats.response[c], feats.response[r], feats.prompt[c], cfg.temperature,
+            hp = feats.prompt[c] if getattr(head, "gate", None) is not None else None
+            loss = pair_loss(head, feats.response[c], feats.response[r], hp, cfg.temperature,
                              None if m is None else m[idx]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
