@@ -201,10 +201,34 @@ def write_plots(folder: Path, frame: pl.LazyFrame, columns: list[str], summary: 
         figures = {}
     else:
         figures = response_figures(frame, columns, summary)
+    figures.update(rounds_figures(summary.get("rounds") or []))
     steps = summary.get("steps", [])
     if steps:
         figures["rows_per_step"] = steps_figure(step_labels(steps), [int(s["rows_out"]) for s in steps])
     return [save(fig, folder / f"{name}.png") for name, fig in figures.items()]
+
+
+ROUND_METRICS = ("win_rate_vs_previous", "win_rate_vs_round0", "mean_response_chars", "eval_chosen_logp_change",
+                 "eval_rejected_logp_change", "eval_margin", "eval_reward_accuracy")
+
+
+def rounds_figures(rows: list[dict]) -> dict:
+    """On-policy rounds (prefdata.rounds): one figure per metric over rounds."""
+    figures = {}
+    for metric in ROUND_METRICS:
+        points = [(r["round"], r[metric]) for r in rows if isinstance(r.get(metric), (int, float))]
+        if not points:
+            continue
+        fig, ax = _figure(4.5, 3.0)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+        if metric.startswith("win_rate"):
+            ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+            ax.set_ylim(0, 1)
+        ax.set_xticks([p[0] for p in points])
+        ax.set_xlabel("round")
+        ax.set_ylabel(metric)
+        figures[f"rounds_{metric}"] = fig
+    return figures
 
 
 def save(fig, path: Path) -> Path:

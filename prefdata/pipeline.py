@@ -310,6 +310,9 @@ class Pipeline:
 
 def compute_global(step: GlobalStep, inputs: list[Path], step_dir: Path, shard_size: int) -> dict:
     """Run a global step over its input shards and write its output (a worker may call this)."""
+    bind = getattr(step, "bind_output_dir", None)
+    if callable(bind):  # a step whose product is a folder besides its table (train: the model)
+        bind(step_dir)
     step.setup()
     try:
         out = shards.as_output(step.process(pl.scan_parquet(inputs)))

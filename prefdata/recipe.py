@@ -34,7 +34,8 @@ from prefdata.executors import make_executor
 from prefdata.pipeline import Pipeline
 from prefdata.steps import step_class
 
-TOP_LEVEL = {"name", "workdir", "output", "shard_size", "executor", "steps", "description", "card"}
+TOP_LEVEL = {"name", "workdir", "output", "shard_size", "executor", "steps", "description", "card",
+             "rounds", "eval_prompts"}  # rounds, eval_prompts: prefdata.rounds
 
 
 class RecipeError(ValueError):
@@ -78,14 +79,29 @@ class Recipe:
         that name, or an index)."""
         if executor is None:
             executor = recipe_executor(self.data.get("executor"), self.path, executor_name)
+        if "rounds" in self.data or "eval_prompts" in self.data:
+            raise RecipeError(f"recipe {self.path}: a recipe with rounds: runs through prefdata.rounds "
+                              "(prefdata run does that)")
         steps = []
         for i, spec in enumerate(self.data["steps"]):
             options = {k: v for k, v in spec.items() if k != "step"}
+            placeholder = [k for k, v in options.items() if v == "policy"]
+            if placeholder:
+                raise RecipeError(f"recipe {self.path}: steps[{i}] ({spec['step']}): {placeholder[0]}: policy names the "
+                                  "model trained in the previous round, so it needs a top-level rounds: block "
+                                  "(or name a model here)")
             try:
                 cls = step_class(spec["step"])
                 steps.append(cls(**options))
             except (ValueError, TypeError, ImportError) as exc:
                 raise RecipeError(f"recipe {self.path}: steps[{i}] ({spec['step']}): {exc}") from None
+        if any(s.name == "train" for s in steps):
+            from prefdata.steps.train import check_win_prob
+
+            try:
+                check_win_prob(steps, where=f"recipe {self.path}")
+            except ValueError as exc:
+                raise RecipeError(str(exc)) from None
         return Pipeline(
             steps,
             workdir=self.data.get("workdir", f"work/{self.data.get('name', 'pipeline')}"),

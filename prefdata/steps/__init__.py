@@ -33,6 +33,8 @@ STEPS = {
     "score_gpm": "prefdata.steps.gpm:ScoreGPM",
     "intransitivity": "prefdata.steps.gpm:Intransitivity",
     "train_rm": "prefdata.steps.gpm:TrainRM",
+    "train": "prefdata.steps.train:Train",
+    "win_rates": "prefdata.steps.win_rates:WinRates",
 }
 
 

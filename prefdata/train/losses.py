@@ -13,9 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PAIR_LOSSES = ("dpo", "rpo", "rdpo", "cdpo", "ipo", "simpo", "ld_dpo")
-LIST_LOSSES = ("pro",)
-LOSSES = PAIR_LOSSES + LIST_LOSSES
+PAIR_LOSSES = ("dpo", "rpo", "rdpo", "cdpo", "ipo", "simpo", "sppo", "ld_dpo")
+LIST_LOSSES = ("pro", "sppo")
+LOSSES = tuple(dict.fromkeys(PAIR_LOSSES + LIST_LOSSES))
+# Losses that read each response's estimated win probability (the ``win_rates`` step's
+# ``win_prob``, carried as the pair's score_chosen/score_rejected or the list's scores).
+WIN_PROB_LOSSES = ("sppo",)
 REFERENCE_FREE = ("simpo", "pro")
 
 
@@ -132,6 +135,30 @@ def pro_loss(logps, n_tokens, valid, scores=None, sft_weight: float = 0.05):
     return total + sft_weight * nll_best
 
 
+def sppo_loss(logps, ref_logps, win_prob, valid, eta: float):
+    """SPPO: mean over a prompt's responses of (log π(y|x) − log π_t(y|x) − η (P̂(y ≻ π_t|x) − ½))².
+
+    ``π_t`` is the reference (the previous round's policy) and ``P̂`` each response's
+    estimated win probability against π_t (the ``win_rates`` step). Every response is
+    regressed on its own target, so a list of K responses uses all K (the paper's form);
+    for a pair it is the reference code's ``sppo_single`` loss with η = 1/β, averaged
+    rather than summed over the two responses. ``logps``, ``ref_logps``, ``win_prob`` and
+    ``valid`` are [B, K]. Wu et al., "Self-Play Preference Optimization for Language Model
+    Alignment", 2024 (the paper sets η = 1e3; 1000 is the default here).
+    """
+    if win_prob is None:
+        raise ValueError("sppo needs each response's win probability: build pairs or lists with "
+                         "score: win_prob after a win_rates step")
+    p = win_prob.to(logps.dtype)
+    bad = valid & ((p < 0) | (p > 1) | torch.isnan(p))
+    if bad.any():
+        raise ValueError("sppo: the scores are not win probabilities in [0, 1]; build pairs or lists with "
+                         "score: win_prob (the win_rates step writes it)")
+    sq = ((logps - ref_logps) - eta * (p - 0.5)) ** 2
+    sq = torch.where(valid, sq, torch.zeros_like(sq))
+    return sq.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+
+
 def ld_logps(logps, public_logps, alpha: float):
     """LD-DPO's length-desensitised log-probability: the part over the first l_p tokens plus
     α times the rest, l_p = min(|y_w|, |y_l|) (for the shorter response the rest is empty)."""
@@ -186,6 +213,8 @@ def compute_loss(cfg, logps, n_tokens, valid, ref_logps=None, scores=None, flip_
     rDPO takes ``rdpo_eps`` (one ε, resolved at start by robust.py) or else the per-pair
     ``flip_prob`` [B]."""
     name = cfg.loss
+    if name == "sppo":
+        return sppo_loss(logps, ref_logps, scores, valid, cfg.sppo_eta)
     if name == "pro":
         return pro_loss(logps, n_tokens, valid, scores, cfg.pro_sft_weight)
     c, r = logps[:, 0], logps[:, 1]

@@ -1,0 +1,446 @@
+"""On-policy rounds: one recipe that samples with the current policy, trains, and repeats.
+
+```yaml
+rounds:
+  count: 2                    # K rounds (>= 1)
+  policy: smollm2-135m-instruct   # round 0's policy
+  prompts: fresh              # fresh: round k takes the k-th slice of the pool; same: every round the same
+  prompts_per_round: 16       # null: all (same) or the pool split evenly (fresh)
+  reference: previous         # the trainer's reference: previous (round k−1's policy) | initial
+  early_stopping: {metric: win_rate_vs_previous, patience: 1, mode: max}   # optional
+eval_prompts: pipelines/data/heldout.jsonl   # or load_prompts options {path: ..., limit: 8}
+```
+
+Round k is the recipe expanded into a plain pipeline: every option whose value is
+``policy`` becomes the folder of the model round k−1 trained (round 0: ``rounds.policy``),
+and a ``round_prompts`` step after the source picks the round's prompts. The step
+fingerprints hash that folder by content (``prefdata.models.identity``), so each round is
+cached and resumed like any step — a killed run continues from the last finished shard or
+trainer checkpoint — and all rounds share one workdir.
+
+After each round's training the new policy is compared on ``eval_prompts`` (never trained
+on; an overlap is an error before any work) with the previous policy and with round 0:
+responses from the recipe's ``sample`` options, scored by the recipe's first scorer (any
+``policy`` in the scorer's options means round 0's model, so every round is judged by the
+same scorer). Win rate = share of (prompt, sample index) where the new response scores
+higher (ties ½). The report also holds mean response length and the trainer's
+chosen/rejected log-prob change; it goes to ``<workdir>/rounds.jsonl`` and a table.
+Iterative DPO as in Xiong et al., "Iterative Preference Learning from Human Feedback:
+Bridging Theory and Practice for RLHF under KL-Constraint", ICML 2024 (RLHFlow).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import polars as pl
+import pyarrow as pa
+
+from prefdata.step import GlobalStep, build_config
+
+log = logging.getLogger(__name__)
+
+PLACEHOLDER = "policy"
+METRICS = ("win_rate_vs_previous", "win_rate_vs_round0", "mean_response_chars", "eval_chosen_logp_change",
+           "eval_rejected_logp_change", "eval_margin", "eval_reward_accuracy")
+
+
+class RoundsError(ValueError):
+    pass
+
+
+@dataclass
+class RoundsConfig:
+    count: int = 2
+    policy: str = "smollm2-135m-instruct"
+    prompts: Literal["fresh", "same"] = "fresh"
+    prompts_per_round: int | None = None
+    reference: Literal["previous", "initial"] = "previous"
+    early_stopping: dict | None = None  # {metric, patience, mode}
+
+
+@dataclass
+class RoundPromptsConfig:
+    start: int = 0
+    count: int | None = None
+
+
+class RoundPrompts(GlobalStep):
+    """The prompts of one round: rows [start, start + count) of the pool, in pool order."""
+
+    name: ClassVar[str] = "round_prompts"
+    version: ClassVar[str] = "1"
+    Config: ClassVar[type] = RoundPromptsConfig
+
+    def input_columns(self) -> list[str]:
+        return ["prompt_id"]
+
+    def process(self, frame: pl.LazyFrame) -> pa.Table:
+        c = self.config
+        return frame.slice(c.start, c.count).collect().to_arrow()
+
+
+# -- configuration and checks (before any work) ---------------------------------------------
+def rounds_config(data: dict, where: str) -> RoundsConfig:
+    spec = data.get("rounds")
+    if not isinstance(spec, dict):
+        raise RoundsError(f"{where}: rounds: must be a mapping, e.g. {{count: 2, policy: smollm2-135m-instruct}}")
+    try:
+        cfg = build_config(RoundsConfig, spec, where=f"{where}: rounds")
+    except (TypeError, ValueError) as exc:
+        raise RoundsError(str(exc)) from None
+    if cfg.count < 1:
+        raise RoundsError(f"{where}: rounds: count must be >= 1, got {cfg.count}")
+    if cfg.prompts_per_round is not None and cfg.prompts_per_round < 1:
+        raise RoundsError(f"{where}: rounds: prompts_per_round must be >= 1, got {cfg.prompts_per_round}")
+    if cfg.policy == PLACEHOLDER:
+        raise RoundsError(f"{where}: rounds: policy names round 0's model (a Hub id or a folder), not 'policy'")
+    if cfg.early_stopping is not None:
+        early_stopping(cfg.early_stopping, where)
+    return cfg
+
+
+def early_stopping(spec: dict, where: str) -> tuple[str, int, str]:
+    unknown = sorted(set(spec) - {"metric", "patience", "mode"})
+    metric, patience, mode = spec.get("metric"), spec.get("patience", 1), spec.get("mode", "max")
+    if unknown or metric not in METRICS or not isinstance(patience, int) or patience < 1 or mode not in ("max", "min"):
+        raise RoundsError(f"{where}: rounds: early_stopping: expected {{metric, patience, mode}} with metric one of "
+                          f"{list(METRICS)}, patience >= 1 and mode max|min; got {spec}")
+    return metric, patience, mode
+
+
+def check_steps(data: dict, where: str) -> tuple[int, int]:
+    """Indices of the (single) sample and train steps; errors name step and setting."""
+    steps = data["steps"]
+    trains = [i for i, s in enumerate(steps) if s["step"] == "train"]
+    if len(trains) != 1:
+        raise RoundsError(f"{where}: a recipe with rounds: needs exactly one train step (it has {len(trains)})")
+    t = trains[0]
+    if steps[t].get("model") != PLACEHOLDER:
+        raise RoundsError(f"{where}: steps[{t}] (train): model must be 'policy' in a recipe with rounds "
+                          f"(round k trains the policy of round k−1); got {steps[t].get('model')!r}")
+    if "reference" in steps[t]:
+        raise RoundsError(f"{where}: steps[{t}] (train): reference is set by rounds: reference (previous | initial)")
+    samples = [i for i, s in enumerate(steps) if s["step"] == "sample"]
+    if not samples:
+        raise RoundsError(f"{where}: a recipe with rounds: needs a sample step (model: policy)")
+    if t != len(steps) - 1:
+        raise RoundsError(f"{where}: steps[{t}] (train) must be the last step of a recipe with rounds")
+    return samples[0], t
+
+
+# -- expansion ------------------------------------------------------------------------------
+def substitute(value, model: str):
+    if value == PLACEHOLDER:
+        return model
+    if isinstance(value, list):
+        return [substitute(v, model) for v in value]
+    if isinstance(value, dict):
+        return {k: substitute(v, model) for k, v in value.items()}
+    return value
+
+
+def round_data(data: dict, cfg: RoundsConfig, k: int, policy: str) -> dict:
+    """The recipe of round k as a plain recipe (no rounds, no placeholder)."""
+    out = {key: copy.deepcopy(v) for key, v in data.items() if key not in ("rounds", "eval_prompts")}
+    out["steps"] = [{key: substitute(v, policy) if key != "step" else v for key, v in s.items()} for s in data["steps"]]
+    train = out["steps"][-1]
+    if cfg.reference == "initial" and k > 0:
+        train["reference"] = cfg.policy
+    return out
+
+
+def prompt_slice(cfg: RoundsConfig, k: int, pool: int) -> tuple[int, int | None]:
+    if cfg.prompts == "same":
+        return 0, cfg.prompts_per_round
+    per = cfg.prompts_per_round or pool // cfg.count
+    return k * per, per
+
+
+# -- running --------------------------------------------------------------------------------
+@dataclass
+class RoundsRun:
+    """Runs (or resumes) the rounds of a recipe; ``run()`` returns the report rows."""
+
+    recipe_path: str
+    data: dict
+    executor_name: str | None = None
+    in_process: bool = False
+    progress: bool = True
+    report: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.where = f"recipe {self.recipe_path}"
+        self.cfg = rounds_config(self.data, self.where)
+        self.sample_index, self.train_index = check_steps(self.data, self.where)
+        self.workdir = Path(self.data.get("workdir", f"work/{self.data.get('name', 'pipeline')}"))
+
+    def pipeline(self, data: dict):
+        from prefdata.executors.local import LocalExecutor
+        from prefdata.recipe import Recipe, RecipeError
+
+        try:
+            pipeline = Recipe(self.recipe_path, data).build(progress=self.progress, executor_name=self.executor_name)
+        except RecipeError as exc:
+            raise RoundsError(str(exc)) from None
+        if self.in_process and isinstance(pipeline.executor, LocalExecutor):
+            pipeline.executor.in_process = True
+        return pipeline
+
+    def check(self) -> None:
+        """Everything that can be known before the first sample: steps build, columns chain,
+        the pool is large enough, eval prompts do not overlap training prompts."""
+        first = self.pipeline(self.round_recipe(0, self.cfg.policy))
+        first.check_columns()
+        pool = read_prompt_ids(first.steps[0])
+        if self.cfg.prompts == "fresh":
+            per = self.cfg.prompts_per_round or len(pool) // self.cfg.count
+            if per * self.cfg.count > len(pool) or per < 1:
+                raise RoundsError(f"{self.where}: rounds: prompts: fresh needs count x prompts_per_round = "
+                                  f"{self.cfg.count} x {per} prompts; the pool holds {len(pool)}. Lower "
+                                  "prompts_per_round, add prompts, or use prompts: same")
+        used = set()
+        for k in range(self.cfg.count):
+            start, count = prompt_slice(self.cfg, k, len(pool))
+            chunk = pool[start:None if count is None else start + count]
+            if not chunk:
+                raise RoundsError(f"{self.where}: rounds: round {k} has no prompts: the pool holds {len(pool)}, "
+                                  f"prompts: {self.cfg.prompts}, prompts_per_round: {self.cfg.prompts_per_round}")
+            used.update(chunk)
+        if "eval_prompts" in self.data:
+            from prefdata.steps.load_prompts import LoadPrompts
+
+            held_out = read_prompt_ids(LoadPrompts(**self.eval_options()))
+            overlap = used & set(held_out)
+            if overlap:
+                raise RoundsError(f"{self.where}: eval_prompts: {len(overlap)} held-out prompt(s) are also training "
+                                  "prompts of some round; held-out prompts must never be trained on — remove them "
+                                  "from one of the files")
+
+    def eval_options(self) -> dict:
+        spec = self.data["eval_prompts"]
+        return {"path": spec} if isinstance(spec, str) else dict(spec)
+
+    def round_recipe(self, k: int, policy: str) -> dict:
+        return round_data(self.data, self.cfg, k, policy)
+
+    def build_round(self, k: int, policy: str):
+        pipeline = self.pipeline(self.round_recipe(k, policy))
+        pool_steps = pipeline.steps
+        start, count = prompt_slice(self.cfg, k, self.pool_size)
+        if not (self.cfg.prompts == "same" and count is None):
+            pool_steps.insert(1, RoundPrompts(start=start, count=count))
+        return pipeline
+
+    def run(self) -> list[dict]:
+        self.check()
+        self.pool_size = len(read_prompt_ids(self.pipeline(self.round_recipe(0, self.cfg.policy)).steps[0]))
+        current = self.cfg.policy  # what 'policy' means in the next round
+        self.report = []
+        best = None
+        for k in range(self.cfg.count):
+            os.environ["PREFDATA_ROUND"] = str(k)  # read by the kill-and-resume test hook only
+            t0 = time.perf_counter()
+            pipeline = self.build_round(k, current)
+            pipeline.run()
+            from prefdata.steps.train import model_dir
+
+            model = str(model_dir(pipeline.step_dirs()[-1]))  # relative with a relative workdir: movable
+            prompts = pipeline.stats[1 if pipeline.steps[1].name == RoundPrompts.name else 0]
+            row = {"round": k, "policy_in": current, "policy_out": model, "train_prompts": prompts.rows_out,
+                   "seconds": {s.label or s.step: s.seconds for s in pipeline.stats},
+                   **(pipeline.stats[-1].metadata or {})}
+            if "eval_prompts" in self.data:
+                t1 = time.perf_counter()
+                row.update(self.evaluate(model, current))
+                row["seconds"]["eval"] = round(time.perf_counter() - t1, 3)
+            row["seconds"]["round"] = round(time.perf_counter() - t0, 3)
+            self.report.append(row)
+            write_report(self.report, self.workdir / "rounds.jsonl")
+            best, stop = self.early_stop(best, k)
+            # with early stopping, 'policy' is the best model so far by the metric
+            current = model if best is None else self.report[best[0]]["policy_out"]
+            if stop:
+                log.info("early stopping after round %d: no better %s for %s round(s)", k,
+                         self.cfg.early_stopping["metric"], self.cfg.early_stopping.get("patience", 1))
+                break
+        os.environ.pop("PREFDATA_ROUND", None)
+        if best is not None:
+            for row in self.report:
+                row["best"] = row["round"] == best[0]
+            write_report(self.report, self.workdir / "rounds.jsonl")
+        write_plots(self.report, self.workdir)
+        update_card(pipeline, self.report)
+        self.final_policy = current
+        return self.report
+
+    def early_stop(self, best, k: int):
+        """(best round, value), and whether to stop: no improvement for ``patience`` rounds."""
+        if self.cfg.early_stopping is None:
+            return best, False
+        metric, patience, mode = early_stopping(self.cfg.early_stopping, self.where)
+        value = self.report[-1].get(metric)
+        if value is None:
+            raise RoundsError(f"{self.where}: rounds: early_stopping: metric {metric} is not in the round report "
+                              "(win rates need eval_prompts:)")
+        better = best is None or (value > best[1] if mode == "max" else value < best[1])
+        if better:
+            return (k, value), False
+        return best, k - best[0] >= patience
+
+    # -- evaluation -----------------------------------------------------------------------
+    def evaluate(self, new: str, previous: str) -> dict:
+        first = self.cfg.policy
+        tables = {name: self.eval_responses(model) for name, model in
+                  (("new", new), ("previous", previous), ("round0", first))}
+        score = self.score_column
+        out = {"win_rate_vs_previous": win_rate(tables["new"], tables["previous"], score),
+               "win_rate_vs_round0": win_rate(tables["new"], tables["round0"], score),
+               "mean_response_chars": mean_chars(tables["new"]),
+               "mean_response_chars_previous": mean_chars(tables["previous"]),
+               "eval_score": score}
+        return out
+
+    def eval_responses(self, model: str) -> pl.DataFrame:
+        """The eval prompts' responses from ``model``, scored by the recipe's first scorer."""
+        steps = self.data["steps"]
+        sample = {**substitute(steps[self.sample_index], model)}
+        scorer = self.scorer_spec()
+        data = {key: v for key, v in self.data.items() if key not in ("rounds", "eval_prompts", "output")}
+        data["steps"] = [{"step": "load_prompts", **self.eval_options()}, sample,
+                         substitute(scorer, self.cfg.policy)]
+        pipeline = self.pipeline(data)
+        self.score_column = score_column(pipeline)
+        return pl.from_arrow(pipeline.run())
+
+    def scorer_spec(self) -> dict:
+        """The first step after sample that writes a score_<name> column (a scorer or judge)."""
+        for spec in self.data["steps"][self.sample_index + 1:]:
+            if spec["step"].startswith(("score_", "judge_")):
+                return spec
+        raise RoundsError(f"{self.where}: eval_prompts: no scorer (score_* or judge_* step) after the sample "
+                          "step to compare policies with")
+
+
+def score_column(pipeline) -> str:
+    columns = pipeline.check_columns()
+    found = [c for c in columns if c.startswith("score_") and not c.endswith("_std")]
+    if not found:
+        raise RoundsError("eval_prompts: the scorer writes no score_<name> column")
+    return found[0]
+
+
+def read_prompt_ids(source) -> list[str]:
+    """A source step's prompt ids in pool order (no model is loaded)."""
+    from prefdata.shards import as_output
+
+    table = as_output(source.read()).table
+    return table.column("prompt_id").to_pylist()
+
+
+def win_rate(new: pl.DataFrame, old: pl.DataFrame, score: str) -> float | None:
+    """Share of (prompt, sample index) where ``new`` scores above ``old``; ties count ½."""
+    keys = ["prompt_id", "sample_index"]
+    joined = new.select(*keys, pl.col(score).alias("a")).join(old.select(*keys, pl.col(score).alias("b")), on=keys)
+    joined = joined.drop_nulls()
+    if joined.height == 0:
+        return None
+    wins = ((pl.col("a") > pl.col("b")).cast(pl.Float64) + 0.5 * (pl.col("a") == pl.col("b")).cast(pl.Float64))
+    return float(joined.select(wins.mean()).item())
+
+
+def mean_chars(table: pl.DataFrame) -> float:
+    return float(table.select(pl.col("response").str.len_chars().mean()).item())
+
+
+def write_report(rows: list[dict], path: Path) -> None:
+    from prefdata.io import write_text
+
+    write_text("".join(json.dumps(r) + "\n" for r in rows), path)
+
+
+def format_report(rows: list[dict]) -> str:
+    cols = [("round", "round", "{}"), ("win_rate_vs_previous", "win vs prev", "{:.3f}"),
+            ("win_rate_vs_round0", "win vs r0", "{:.3f}"), ("mean_response_chars", "resp chars", "{:.1f}"),
+            ("eval_chosen_logp_change", "Δ chosen logp", "{:+.3f}"),
+            ("eval_rejected_logp_change", "Δ rejected logp", "{:+.3f}"), ("train_steps", "train steps", "{}")]
+    head = "".join(f"{title:>16}" for _, title, _ in cols)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = []
+        for key, _, fmt in cols:
+            v = r.get(key)
+            cells.append(f"{'-' if v is None else fmt.format(v):>16}")
+        lines.append("".join(cells) + ("  (best)" if r.get("best") else ""))
+    return "\n".join(lines)
+
+
+def write_plots(rows: list[dict], folder: Path) -> list[Path]:
+    """One PNG per metric over rounds (``<folder>/rounds_<metric>.png``); the card gets the same."""
+    from prefdata.card_plots import rounds_figures, save
+
+    return [save(fig, folder / f"{name}.png") for name, fig in rounds_figures(rows).items()]
+
+
+def update_card(pipeline, rows: list[dict]) -> None:
+    """The last round's output card, with the rounds report and its plots."""
+    from prefdata.cards import write_card
+    from prefdata.io import write_json
+
+    paths = pipeline.output_paths()
+    if paths is None or not paths["summary"].exists():
+        return
+    summary = json.loads(paths["summary"].read_text())
+    summary["rounds"] = rows
+    write_json(summary, paths["summary"], redact_secrets=True)
+    if pipeline.card:
+        write_card(paths["root"], data_files=[paths["data"]], summary=summary)
+
+
+# -- command line ---------------------------------------------------------------------------
+def wants_rounds(path: str) -> bool:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except Exception:  # the recipe loader reports it
+        return False
+    return isinstance(data, dict) and ("rounds" in data or "eval_prompts" in data)
+
+
+def cmd_rounds(args) -> int:
+    """``prefdata run`` for a recipe with ``rounds:``."""
+    from prefdata.recipe import Recipe
+
+    overrides = list(args.overrides)
+    if args.workdir:
+        overrides.append(f"workdir={args.workdir}")
+    if args.output:
+        overrides.append(f"output={args.output}")
+    recipe = Recipe.load(args.recipe, overrides, limit=args.limit)
+    if "rounds" not in recipe.data:
+        raise RoundsError(f"recipe {args.recipe}: eval_prompts: needs a rounds: block")
+    if args.force:
+        raise RoundsError("--force is not supported with rounds: yet; delete the step folders in the workdir instead")
+    run = RoundsRun(recipe.path, recipe.data, executor_name=args.executor, in_process=args.in_process,
+                    progress=not args.no_progress)
+    if args.dry_run:
+        run.check()
+        from prefdata.plan import format_plan
+
+        run.pool_size = len(read_prompt_ids(run.pipeline(run.round_recipe(0, run.cfg.policy)).steps[0]))
+        print("round 0 (later rounds depend on the model round 0 trains):")
+        print(format_plan(run.build_round(0, run.cfg.policy).plan()))
+        return 0
+    rows = run.run()
+    print(format_report(rows))
+    print(f"rounds report in {run.workdir / 'rounds.jsonl'}; final policy {run.final_policy}")
+    return 0
+

@@ -1,0 +1,246 @@
+"""On-policy rounds: errors before work, the two recipes end to end on a tiny Llama, and
+kill -9 (for real: the process group is SIGKILLed) in round 0's sampling and round 1's
+training, then a rerun whose final model and tables equal an uninterrupted run's."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from prefdata.recipe import Recipe, RecipeError
+from prefdata.rounds import RoundsError, RoundsRun, win_rate
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL = {"path": str(ROOT / "pipelines/data/onpolicy_eval_prompts.jsonl"), "limit": 2}
+
+
+def tiny_recipe(tmp_path: Path, name: str, model: str, **rounds) -> Path:
+    """pipelines/<name>.yaml at test scale: 2 rounds of 2 fresh prompts, 2 samples, 3 steps."""
+    data = yaml.safe_load((ROOT / "pipelines" / f"{name}.yaml").read_text())
+    data["workdir"] = "work"  # relative: run_cli runs in the recipe's folder, so two folders compare equal
+    data["output"] = "out/data.parquet"
+    data["shard_size"] = 1
+    data["rounds"].update({"policy": model, "prompts_per_round": 2, **rounds})
+    data["eval_prompts"] = dict(EVAL)
+    steps = {s["step"]: s for s in data["steps"]}
+    steps["load_prompts"]["path"] = str(ROOT / steps["load_prompts"]["path"])
+    steps["sample"].update(n=2, max_new_tokens=8)
+    steps["score_cdr"]["strong"] = model
+    steps["train"].update(max_steps=3, save_every=1, eval_fraction=0.5, batch_size=1, max_length=128)
+    path = tmp_path / f"{name}.yaml"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_cli(recipe: Path, env: dict | None = None, kill_when=None, timeout: float = 900):
+    """``prefdata run`` in its own process group; ``kill_when()`` true -> SIGKILL the group."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "prefdata.cli", "run", recipe.name, "--in-process", "--no-progress"],
+                            cwd=recipe.parent, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    start = time.time()
+    while proc.poll() is None:
+        if kill_when is not None and kill_when():
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        if time.time() - start > timeout:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("prefdata run did not finish in time")
+        time.sleep(0.02)
+    out = proc.communicate()[0]
+    return proc.returncode, out
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def round_tables(work: Path) -> dict:
+    """Every finished step folder's rows (the folders' names are their fingerprints)."""
+    out = {}
+    for folder in sorted(work.iterdir()):
+        shards = sorted(folder.glob("shard-*.parquet"))
+        if shards and folder.name.split("-")[0] in ("sample", "score_cdr", "build_pairs", "train"):
+            rows = [pq.read_table(s).drop_columns([c for c in ("seconds",) if c in pq.read_table(s).column_names])
+                    .to_pylist() for s in shards]
+            out[folder.name] = rows
+    return out
+
+
+def models(work: Path) -> dict:
+    return {p.parent.parent.name: sha(p) for p in work.glob("train-*/model/model.safetensors")}
+
+
+# -- bad input: errors before any work -------------------------------------------------------
+def test_policy_outside_rounds_is_refused_naming_the_step(tmp_path, tiny_llama):
+    data = yaml.safe_load(tiny_recipe(tmp_path, "iterative_dpo", tiny_llama).read_text())
+    del data["rounds"], data["eval_prompts"]
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError, match=r"steps\[1\] \(sample\): model: policy .* rounds"):
+        Recipe.load(path).build()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"count": 0}, "count must be >= 1"),
+    ({"prompts_per_round": 25}, "fresh needs count x prompts_per_round = 2 x 25"),
+    ({"early_stopping": {"metric": "loss"}}, "early_stopping"),
+])
+def test_bad_rounds_settings_fail_before_work(tmp_path, tiny_llama, change, message):
+    data = yaml.safe_load(tiny_recipe(tmp_path, "iterative_dpo", tiny_llama, **change).read_text())
+    data["workdir"] = str(tmp_path / "work")
+    with pytest.raises(RoundsError, match=message):
+        RoundsRun("r.yaml", data).check()
+    assert not (tmp_path / "work").exists()
+
+
+def test_eval_prompts_overlapping_training_prompts_fail_before_work(tmp_path, tiny_llama):
+    data = yaml.safe_load(tiny_recipe(tmp_path, "iterative_dpo", tiny_llama).read_text())
+    data["eval_prompts"] = {"path": data["steps"][0]["path"], "limit": 3}  # the pool's first prompts
+    data["workdir"] = str(tmp_path / "work")
+    with pytest.raises(RoundsError, match="eval_prompts: 3 held-out prompt"):
+        RoundsRun("r.yaml", data).check()
+    assert not (tmp_path / "work").exists()
+
+
+def test_sppo_without_win_prob_names_the_train_step(tmp_path, tiny_llama):
+    data = yaml.safe_load(tiny_recipe(tmp_path, "sppo", tiny_llama).read_text())
+    data["steps"] = [s for s in data["steps"] if s["step"] != "win_rates"]
+    for s in data["steps"]:
+        if s["step"] == "build_lists":
+            s["score"] = "score_cdr"
+    with pytest.raises(RoundsError, match=r"steps\[4\] \(train\): loss: sppo reads each response's win_prob"):
+        RoundsRun("r.yaml", data).check()
+    data = yaml.safe_load(tiny_recipe(tmp_path, "sppo", tiny_llama).read_text())
+    data["steps"][4]["score"] = "score_cdr"  # win_rates runs, but the lists rank by another score
+    with pytest.raises(RoundsError, match=r"train\): loss: sppo needs .* score: win_prob in the build_lists"):
+        RoundsRun("r.yaml", data).check()
+
+
+def test_train_step_must_train_the_policy(tmp_path, tiny_llama):
+    data = yaml.safe_load(tiny_recipe(tmp_path, "iterative_dpo", tiny_llama).read_text())
+    data["steps"][-1]["model"] = tiny_llama
+    with pytest.raises(RoundsError, match=r"steps\[4\] \(train\): model must be 'policy'"):
+        RoundsRun("r.yaml", data).check()
+
+
+def test_win_rate_counts_ties_half():
+    import polars as pl
+
+    new = pl.DataFrame({"prompt_id": ["a", "a", "b"], "sample_index": [0, 1, 0], "score_x": [1.0, 0.0, 2.0]})
+    old = pl.DataFrame({"prompt_id": ["a", "a", "b"], "sample_index": [0, 1, 0], "score_x": [0.0, 0.0, 3.0]})
+    assert win_rate(new, old, "score_x") == pytest.approx((1 + 0.5 + 0) / 3)
+
+
+# -- end to end ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_iterative_dpo_kill_in_round0_sampling_and_round1_training_then_resume(tmp_path, tiny_llama):
+    """The uninterrupted run is the reference; the killed one must end with the same bytes."""
+    clean = tiny_recipe(tmp_path / "clean", "iterative_dpo", tiny_llama)
+    code, out = run_cli(clean)
+    assert code == 0, out
+    work = tmp_path / "clean" / "work"
+    report = [json.loads(line) for line in (work / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in report] == [0, 1]
+    assert report[1]["policy_in"] == report[0]["policy_out"]  # round 1 samples with round 0's model
+    assert report[0]["policy_in"] == tiny_llama and report[0]["policy_out"].startswith("work/train-")
+    for r in report:
+        assert 0.0 <= r["win_rate_vs_previous"] <= 1.0 and 0.0 <= r["win_rate_vs_round0"] <= 1.0
+        assert r["mean_response_chars"] > 0 and r["train_steps"] == 3
+        assert "eval_chosen_logp_change" in r and "eval_rejected_logp_change" in r
+    assert report[0]["win_rate_vs_previous"] == report[0]["win_rate_vs_round0"]  # round 0: previous = round 0
+    assert "win vs prev" in out and "win vs r0" in out  # the printed table
+    card = (tmp_path / "clean" / "out" / "README.md").read_text()
+    assert "plots/rounds_win_rate_vs_previous.png" in card
+    assert (tmp_path / "clean" / "out" / "plots" / "rounds_mean_response_chars.png").exists()
+    assert (work / "rounds_win_rate_vs_round0.png").stat().st_size > 1000
+    assert len(models(work)) == 2 and len(set(models(work).values())) == 2
+    # round 1's sample step is another computation than round 0's (the policy's content hash)
+    assert len(list(work.glob("sample-*"))) >= 2
+
+    killed = tiny_recipe(tmp_path / "killed", "iterative_dpo", tiny_llama)
+    kwork = tmp_path / "killed" / "work"
+
+    def round0_sampling_started() -> bool:  # the first sampled shard of round 0 is on disk
+        return any(kwork.glob("sample-*/shard-00000.parquet"))
+
+    code, out = run_cli(killed, kill_when=round0_sampling_started)
+    assert code == -signal.SIGKILL, out
+    sample_dirs = list(kwork.glob("sample-*"))
+    assert len(sample_dirs) == 1 and not (sample_dirs[0] / "_SUCCESS.json").exists()
+    done = len(list(sample_dirs[0].glob("shard-*.parquet")))
+    assert 1 <= done < 2, "the kill should land inside round 0's sampling"
+
+    code, out = run_cli(killed, env={"PREFDATA_TEST_KILL_TRAIN": "1:2"})
+    assert code == -signal.SIGKILL, out
+    round1 = [d for d in kwork.glob("train-*") if not (d / "model" / "model.safetensors").exists()]
+    assert len(round1) == 1 and (round1[0] / "model" / "checkpoints" / "step-0000001").is_dir()
+
+    code, out = run_cli(killed)
+    assert code == 0, out
+    (tmp_path / "resumed.log").write_text(out)
+    assert "resumed from" in out and "at step 1" in out, "\n".join(out.splitlines()[-60:])
+    assert models(kwork) == models(work)
+    assert round_tables(kwork) == round_tables(work)
+    kreport = [json.loads(line) for line in (kwork / "rounds.jsonl").read_text().splitlines()]
+    for a, b in zip(kreport, report):
+        for key in ("win_rate_vs_previous", "win_rate_vs_round0", "mean_response_chars", "eval_chosen_logp_change"):
+            assert a[key] == b[key], key
+    assert pq.read_table(tmp_path / "killed/out/data.parquet").equals(pq.read_table(tmp_path / "clean/out/data.parquet"))
+
+
+@pytest.mark.slow
+def test_sppo_recipe_runs_two_rounds_on_win_probabilities(tmp_path, tiny_llama):
+    recipe = tiny_recipe(tmp_path, "sppo", tiny_llama)
+    code, out = run_cli(recipe)
+    assert code == 0, out
+    work = tmp_path / "work"
+    report = [json.loads(line) for line in (work / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in report] == [0, 1] and all(r["train_steps"] == 3 for r in report)
+    win = pq.read_table(next(work.glob("win_rates-*/shard-00000.parquet"))).to_pydict()
+    by_prompt: dict = {}
+    for pid, p in zip(win["prompt_id"], win["win_prob"]):
+        by_prompt.setdefault(pid, []).append(p)
+    for probs in by_prompt.values():  # two samples: P and 1 - P
+        assert len(probs) == 2 and probs[0] + probs[1] == pytest.approx(1.0)
+    lists = pq.read_table(tmp_path / "out" / "data.parquet").to_pydict()
+    assert all(0.0 <= s <= 1.0 for row in lists["scores"] for s in row)
+    log = [json.loads(line) for line in next(work.glob("train-*/model/log.jsonl")).read_text().splitlines()]
+    assert any("loss" in r and r["loss"] > 0 for r in log)
+
+
+def test_train_step_curry_iterations_chain_models_and_references(tmp_path, tiny_llama):
+    """Curry-DPO: iteration 1 starts from iteration 0's model, which is also its reference."""
+    import polars as pl
+
+    from prefdata.steps.train import Train
+
+    def msg(role, text):
+        return [{"role": role, "content": text}]
+
+    rows = [(f"p{i}", f"Question {i}?", f"Answer {i} is good.", f"bad {i}", i % 2) for i in range(4)]
+    table = pl.DataFrame({"prompt_id": [r[0] for r in rows], "prompt": [msg("user", r[1]) for r in rows],
+                          "chosen": [msg("assistant", r[2]) for r in rows],
+                          "rejected": [msg("assistant", r[3]) for r in rows], "iteration": [r[4] for r in rows]})
+    step = Train(model=tiny_llama, iterations=True, max_steps=1, batch_size=2, eval_fraction=0.0,
+                 max_length=64, save_every=0)
+    step.bind_output_dir(tmp_path)
+    out = step.process(table.lazy())
+    assert out.num_rows == 4 and step.metadata["iterations"] == 2
+    first = json.loads((tmp_path / "iteration-0" / "run.json").read_text())
+    last = json.loads((tmp_path / "model" / "run.json").read_text())
+    assert first["config"]["model"] == tiny_llama and first["config"]["reference"] is None
+    assert last["config"]["model"] == str(tmp_path / "iteration-0") == last["config"]["reference"]
+    assert pq.read_table(tmp_path / "data" / "iteration-1.parquet").column("iteration").to_pylist() == [1, 1]
+    assert sha(tmp_path / "model" / "model.safetensors") != sha(tmp_path / "iteration-0" / "model.safetensors")
