@@ -6,10 +6,9 @@ import math
 import pyarrow as pa
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from prefdata.models import clear_cache
-from prefdata.models.hub import SMOLLM2, resolve
 from prefdata.steps.cdr import ScoreCDR, customisation, render_exemplars
 
 PROMPTS = [
@@ -37,25 +36,9 @@ EXEMPLARS = {
 }
 
 
-def _tiny(path, seed):
-    tok = AutoTokenizer.from_pretrained(resolve(SMOLLM2))
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=False, initializer_range=0.2,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    strong = _tiny(tmp_path_factory.mktemp("strong"), 0)
-    weak = _tiny(tmp_path_factory.mktemp("weak"), 1)
+def models(tiny_llama_factory):
+    strong, weak = tiny_llama_factory(0), tiny_llama_factory(1)  # tests/conftest.py
     yield strong, weak
     clear_cache()
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from prefdata.models import clear_cache
-from prefdata.models.hub import SMOLLM2, resolve
 from prefdata.steps.rationale import Rationale, RationaleConfig, degenerate, write_rationales
 
 CHOSEN = "Paris is the capital of France and its largest city."
@@ -86,18 +83,8 @@ def test_degenerate_rules(text, reason):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    tok = AutoTokenizer.from_pretrained(resolve(SMOLLM2))
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama-judge")
-    LlamaForCausalLM(config).eval().save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    yield str(path)
+def tiny(tiny_llama_factory):
+    yield tiny_llama_factory(0, init_range=0.02)  # tests/conftest.py
     clear_cache()
 
 

@@ -6,10 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+from transformers import AutoTokenizer, LlamaForSequenceClassification
 
 from prefdata.models import clear_cache, load_reward_model
-from prefdata.models.hub import SMOLLM2, resolve
 from prefdata.steps.reward import ScoreRM
 
 PROMPTS = [
@@ -21,25 +20,10 @@ ROWS = [(0, "Paris."), (0, "It is Paris, on the Seine, which has been the capita
         (1, "The Volga."), (1, "Danube, Rhine, Volga; the Volga is longest."), (1, "")]
 
 
-def _tiny_rm(path, seed, attention_dropout=0.0):
-    tok = AutoTokenizer.from_pretrained(resolve(SMOLLM2))
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, num_labels=1,
-        attention_dropout=attention_dropout, initializer_range=0.2,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    LlamaForSequenceClassification(config).eval().save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
-def rms(tmp_path_factory):
-    plain = _tiny_rm(tmp_path_factory.mktemp("rm-a"), 0)
-    other = _tiny_rm(tmp_path_factory.mktemp("rm-b"), 1)
-    dropout = _tiny_rm(tmp_path_factory.mktemp("rm-dropout"), 2, attention_dropout=0.3)
+def rms(tiny_llama_factory):
+    rm = functools.partial(tiny_llama_factory, head="sequence_classification")  # tests/conftest.py
+    plain, other, dropout = rm(0), rm(1), rm(2, attention_dropout=0.3)
     yield plain, other, dropout
     clear_cache()
 
