@@ -19,6 +19,7 @@ head), and loading refuses a backbone whose identity or hidden size differs. Loa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from pathlib import Path
 import torch
 
 from prefdata.prefmodel.heads import GPMHead, gpm_matrix
+
+log = logging.getLogger(__name__)
 
 META_FILE = "prefmodel.json"
 HEAD_FILE = "gpm_head.safetensors"
@@ -52,6 +55,7 @@ def save_bt(out: str | Path, causal_lm, tokenizer, head, meta: dict) -> Path:
     config.num_labels, config.architectures = 1, None
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    _check_pooling(tokenizer, config.pad_token_id)
     model = AutoModelForSequenceClassification.from_config(config)
     getattr(model, model.base_model_prefix).load_state_dict(causal_lm.base_model.state_dict())
     with torch.no_grad():
@@ -63,6 +67,17 @@ def save_bt(out: str | Path, causal_lm, tokenizer, head, meta: dict) -> Path:
     (tmp / META_FILE).write_text(json.dumps({"kind": "bt", **meta}, indent=2))
     _publish(tmp, out)
     return out
+
+
+def _check_pooling(tokenizer, pad_id) -> None:
+    """The features are read at the turn's last token; a reward model pools on the last
+    non-pad token. If the template ends with the pad token the two differ: say so."""
+    from prefdata.prefmodel.features import token_ids
+
+    _, turn = token_ids(tokenizer, [{"role": "user", "content": "hi"}], "hello")
+    if turn and turn[-1] == pad_id:
+        log.warning("the chat template ends the assistant turn with the pad token (id %s): the saved reward "
+                    "model pools on an earlier token than the head was trained on; set a distinct pad token", pad_id)
 
 
 def save_gpm(out: str | Path, head: GPMHead, meta: dict, causal_lm=None, tokenizer=None) -> Path:
