@@ -159,6 +159,19 @@ def sppo_loss(logps, ref_logps, win_prob, valid, eta: float):
     return sq.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
 
 
+def gpo_loss(logps, ref_logps, gp_score, valid, eta: float):
+    """GPO: SPPO's squared loss with a General Preference Model's scores as the targets.
+
+    ``gp_score`` [B, K] is each sample's general preference score under the GPM — its mean
+    win probability σ(s(y ≻ y')/τ) against the prompt's other samples from π_t (the
+    ``score_gpm`` column) — the estimate of P(y ≻ π_t | x) that SPPO takes from a pairwise
+    model. Zhang et al. 2024, "General Preference Modeling with Preference Representations
+    for Aligning Language Models" (General Preference Optimization, with Wu et al. 2024,
+    "Self-Play Preference Optimization for Language Model Alignment").
+    """
+    return sppo_loss(logps, ref_logps, gp_score, valid, eta)
+
+
 def ld_logps(logps, public_logps, alpha: float):
     """LD-DPO's length-desensitised log-probability: the part over the first l_p tokens plus
     α times the rest, l_p = min(|y_w|, |y_l|) (for the shorter response the rest is empty)."""
