@@ -307,26 +307,11 @@ def test_run_killed_under_ray_resumes_locally(prompts, tmp_path):
 
 # -- the real steps on a tiny random Llama -------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def tiny_dir(tiny_llama_factory):
     """A random 2-layer Llama with the SmolLM2 tokenizer, saved like a user's checkpoint."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from prefdata.models import clear_cache
-    from prefdata.models.hub import SMOLLM2, resolve
 
-    tok = AutoTokenizer.from_pretrained(resolve(SMOLLM2))
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=False, initializer_range=0.2,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).eval().save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    yield str(path)
+    yield tiny_llama_factory(0, max_positions=256)  # tests/conftest.py
     clear_cache()
 
 

@@ -9,23 +9,9 @@ from train_data import GOOD, direct_logps, pair_rows, pair_table  # noqa: F401  
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    """A 2-layer Llama (random weights) saved as safetensors with SmolLM2's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from prefdata.models.hub import resolve
-
-    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m-instruct"))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return str(path)
+def tiny_model(tiny_llama_factory) -> str:
+    """A 2-layer Llama (random weights, hidden 32, tied embeddings) with SmolLM2's tokenizer."""
+    return tiny_llama_factory(0, hidden_size=32, tie_embeddings=True, init_range=0.02)  # tests/conftest.py
 
 
 @pytest.fixture
