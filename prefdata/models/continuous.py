@@ -332,7 +332,8 @@ class ContinuousBatcher:
 
     def _sample(self, logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
         early = [row for row, d in enumerate(draws) if len(d.tokens) < self.s.min_new_tokens]
-        if early:
+        if early:  # a copy: the prompt's logits are shared by its draws
+            logits = logits.clone()
             logits[torch.tensor(early, device=logits.device)[:, None], self.eos[None, :]] = float("-inf")
         uniforms = None
         if self.s.temperature > 0:
