@@ -249,6 +249,7 @@ class RoundsRun:
             os.environ["PREFDATA_ROUND"] = str(k)  # read by the kill-and-resume test hook only
             t0 = time.perf_counter()
             pipeline = self.build_round(k, current)
+            pipeline.card = False  # written once, with the rounds report, after the last round
             pipeline.run()
             from prefdata.steps.train import model_dir
 
@@ -400,8 +401,7 @@ def update_card(pipeline, rows: list[dict]) -> None:
     summary = json.loads(paths["summary"].read_text())
     summary["rounds"] = rows
     write_json(summary, paths["summary"], redact_secrets=True)
-    if pipeline.card:
-        write_card(paths["root"], data_files=[paths["data"]], summary=summary)
+    write_card(paths["root"], data_files=[paths["data"]], summary=summary)
 
 
 # -- command line ---------------------------------------------------------------------------
