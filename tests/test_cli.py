@@ -180,3 +180,19 @@ def test_verbose_after_the_command(capsys, tmp_path):
     assert rc == 2 and err.strip() == f"prefdata: error: {tmp_path / 'nothing'}: no such file or folder"
     with pytest.raises(FileNotFoundError):  # -v: the full traceback
         main(["inspect", str(tmp_path / "nothing"), "-v"])
+
+
+def test_train_help_lists_set_keys_with_defaults(capsys):
+    """``prefdata train --help`` shows every TrainConfig field that has a default, with it."""
+    import dataclasses
+
+    from prefdata.train.config import TrainConfig
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is not dataclasses.MISSING:
+            assert f"  {f.name} = {f.default!r}" in out, f.name
+    assert "--set keys" in out

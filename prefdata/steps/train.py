@@ -35,7 +35,10 @@ from prefdata.train.config import TrainConfig, check
 
 log = logging.getLogger(__name__)
 
-WIN_PROB_LOSSES = ("sppo",)  # as prefdata.train.losses.WIN_PROB_LOSSES (not imported: torch)
+WIN_PROB_LOSSES = ("sppo", "gpo")  # as prefdata.train.losses.WIN_PROB_LOSSES (not imported: torch)
+# The column each of those losses takes as P(y > pi_t | x): SPPO a win_rates estimate, GPO the
+# General Preference Model's general preference score (score_gpm).
+TARGET_COLUMN = {"sppo": "win_prob", "gpo": "score_gpm"}
 LIST_ONLY = ("pro",)
 NOT_OPTIONS = ("data", "output")
 
@@ -159,14 +162,17 @@ def check_win_prob(steps: list, where: str = "recipe") -> None:
     for i, step in enumerate(steps):
         if step.name == "train" and step.config.loss in WIN_PROB_LOSSES:
             loss = step.config.loss
-            if "win_prob" not in written:
-                raise ValueError(f"{where}: steps[{i}] (train): loss: {loss} reads each response's win_prob, but no "
-                                 "earlier step writes a win_prob column; add a win_rates step after the scorer, "
-                                 "then build pairs or lists with score: win_prob")
-            if builder is None or getattr(builder.config, "score", None) != "win_prob":
+            target = TARGET_COLUMN[loss]
+            adder = ("add a win_rates step after the scorer" if target == "win_prob"
+                     else "add a score_gpm step with a trained General Preference Model")
+            if target not in written:
+                raise ValueError(f"{where}: steps[{i}] (train): loss: {loss} reads each response's {target}, but no "
+                                 f"earlier step writes a {target} column; {adder}, "
+                                 f"then build pairs or lists with score: {target}")
+            if builder is None or getattr(builder.config, "score", None) != target:
                 name = builder.name if builder is not None else "build_pairs"
-                raise ValueError(f"{where}: steps[{i}] (train): loss: {loss} needs the win probabilities as the "
-                                 f"pairs' scores; set score: win_prob in the {name} step before it")
+                raise ValueError(f"{where}: steps[{i}] (train): loss: {loss} needs the {target} values as the "
+                                 f"pairs' scores; set score: {target} in the {name} step before it")
         if step.name in ("build_pairs", "build_lists"):
             builder = step
         try:

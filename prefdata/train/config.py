@@ -12,7 +12,7 @@ import yaml
 
 from prefdata.step import build_config
 
-Loss = Literal["dpo", "rpo", "rdpo", "cdpo", "ipo", "simpo", "pro", "sppo", "ld_dpo"]
+Loss = Literal["dpo", "rpo", "rdpo", "cdpo", "ipo", "simpo", "pro", "sppo", "ld_dpo", "gpo"]
 
 
 @dataclass
@@ -39,7 +39,7 @@ class TrainConfig:
     simpo_beta: float = 2.0
     simpo_gamma: float = 0.5
     pro_sft_weight: float = 0.05
-    sppo_eta: float = 1000.0            # SPPO's η: target log-ratio η(P̂ − ½); the reference code's 1/β
+    sppo_eta: float = 1000.0            # SPPO's (and GPO's) η: target log-ratio η(P̂ − ½); the reference code's 1/β
 
     # data
     max_length: int = 1024              # prompt + one response, in tokens

@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PAIR_LOSSES = ("dpo", "rpo", "rdpo", "cdpo", "ipo", "simpo", "sppo", "ld_dpo")
-LIST_LOSSES = ("pro", "sppo")
+PAIR_LOSSES = ("dpo", "rpo", "rdpo", "cdpo", "ipo", "simpo", "sppo", "ld_dpo", "gpo")
+LIST_LOSSES = ("pro", "sppo", "gpo")
 LOSSES = tuple(dict.fromkeys(PAIR_LOSSES + LIST_LOSSES))
 # Losses that read each response's estimated win probability (the ``win_rates`` step's
 # ``win_prob``, carried as the pair's score_chosen/score_rejected or the list's scores).
-WIN_PROB_LOSSES = ("sppo",)
+WIN_PROB_LOSSES = ("sppo", "gpo")  # gpo: the GPM general preference score (score_gpm)
 REFERENCE_FREE = ("simpo", "pro")
 
 
@@ -228,6 +228,8 @@ def compute_loss(cfg, logps, n_tokens, valid, ref_logps=None, scores=None, flip_
     name = cfg.loss
     if name == "sppo":
         return sppo_loss(logps, ref_logps, scores, valid, cfg.sppo_eta)
+    if name == "gpo":
+        return gpo_loss(logps, ref_logps, scores, valid, cfg.sppo_eta)
     if name == "pro":
         return pro_loss(logps, n_tokens, valid, scores, cfg.pro_sft_weight)
     c, r = logps[:, 0], logps[:, 1]

@@ -41,9 +41,28 @@ from prefdata.train.verify import choose_logps
 log = logging.getLogger("prefdata.train")
 
 
+def set_keys_help() -> str:
+    """The ``--set`` keys with their defaults, from the TrainConfig dataclass."""
+    import dataclasses
+
+    from prefdata.train.config import TrainConfig
+
+    lines = ["--set keys (TrainConfig fields) and their defaults:"]
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        lines.append(f"  {f.name} = {default!r}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     """``prefdata train``: settings from a YAML recipe, then the flags, then ``--set``."""
-    p = argparse.ArgumentParser(prog="prefdata train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="prefdata train", description=__doc__.split("\n")[0],
+                                epilog=set_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="pair or list parquet")
     p.add_argument("--model", help="HF id, local path or smollm2-135m-instruct")
     p.add_argument("--loss", help=f"one of {', '.join(losses.LOSSES)}")
