@@ -19,6 +19,7 @@ import importlib.util
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from prefdata.shards import compute_shard, shard_path
@@ -73,11 +74,15 @@ class RayExecutor:
         ray = _import_ray()
         if ray.is_initialized():
             return ray
+        quiet = not logging.getLogger().isEnabledFor(logging.DEBUG)  # Ray's own chatter only with -v
+        level = logging.WARNING if quiet else logging.INFO
+        if quiet:
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
         if self.address is None:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(num_cpus=self.num_cpus, include_dashboard=False)
+            ray.init(num_cpus=self.num_cpus, include_dashboard=False, logging_level=level)
         else:
-            ray.init(address=self.address)
+            ray.init(address=self.address, logging_level=level)
         return ray
 
     def pool_size(self, ray, n_jobs: int) -> int:
@@ -114,15 +119,18 @@ class RayExecutor:
         step_dir = Path(step_dir).resolve()
         log.info("ray: step %s, %d shards on %d actors (%s CPUs each)", step.name, len(jobs), size,
                  self.num_cpus_per_actor)
-        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            ShardWorker,
-            fn_constructor_kwargs={"step_blob": blob, "step_dir": str(step_dir), "sys_path": list(sys.path),
-                                   "store_blob": cloudpickle.dumps(store)},
-            compute=ActorPoolStrategy(size=size),
-            batch_size=1,
-            num_cpus=self.num_cpus_per_actor,
-            num_gpus=self.num_gpus_per_actor or None,
-        )
+        with warnings.catch_warnings():  # max_restarts has no named parameter in Ray 2.60
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                ShardWorker,
+                fn_constructor_kwargs={"step_blob": blob, "step_dir": str(step_dir), "sys_path": list(sys.path),
+                                       "store_blob": cloudpickle.dumps(store)},
+                compute=ActorPoolStrategy(size=size),
+                batch_size=1,
+                num_cpus=self.num_cpus_per_actor,
+                num_gpus=self.num_gpus_per_actor or None,
+                max_restarts=0,  # a dead actor fails the step (a resume redoes its shards), no endless restarts
+            )
         failure = None
         try:
             for row in dataset.iter_rows():
