@@ -20,6 +20,7 @@ PROMPTS = PIPELINES / "data" / "quickstart_prompts.jsonl"
 HH = PIPELINES / "data" / "hh_sample.jsonl"
 NEEDS_SERVER = {"hybrid_routing"}  # runs against the real Argilla server in tests/argilla
 NOT_PIPELINES = {"train_quickstart"}  # a training config, run in tests/train
+ROUNDS = {"iterative_dpo", "sppo"}  # rounds: recipes run through prefdata.rounds in tests/test_rounds.py
 TINY = {  # option overrides by step name, applied where the recipe has the step
     "sample": {"n": 3, "max_new_tokens": 16},
     "judge_rubric": {"max_new_tokens": 24, "max_attempts": 1},
@@ -28,7 +29,8 @@ TINY = {  # option overrides by step name, applied where the recipe has the step
     "load_prompts": {"path": str(PROMPTS), "limit": 3},
     "import_pairs": {"path": str(HH), "limit": 3},
 }
-RECIPES = sorted(p.stem for p in PIPELINES.glob("*.yaml") if p.stem not in NEEDS_SERVER | NOT_PIPELINES)
+RECIPES = sorted(p.stem for p in PIPELINES.glob("*.yaml")
+                 if p.stem not in NEEDS_SERVER | NOT_PIPELINES | ROUNDS)
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +51,8 @@ def tiny_overrides(path: Path, tmp: Path) -> list[str]:
 
 def test_every_recipe_is_covered():
     assert {"quickstart", "ultrafeedback", "quality_pairs", "rescore_pairs", "score_suite"} <= set(RECIPES)
+    rounds = {p.stem for p in PIPELINES.glob("*.yaml") if "rounds" in yaml.safe_load(p.read_text())}
+    assert rounds == ROUNDS, "a recipe with rounds: must be run in tests/test_rounds.py and listed in ROUNDS"
 
 
 @pytest.mark.parametrize("name", RECIPES)
