@@ -151,12 +151,7 @@ def _pipeline(args, progress: bool = True):
     from prefdata.executors.local import LocalExecutor
     from prefdata.recipe import Recipe
 
-    overrides = list(args.overrides)
-    if args.workdir:
-        overrides.append(f"workdir={args.workdir}")
-    if args.output:
-        overrides.append(f"output={args.output}")
-    recipe = Recipe.load(args.recipe, overrides, limit=args.limit)
+    recipe = Recipe.from_args(args)
     pipeline = recipe.build(progress=progress, executor_name=args.executor, force=args.force)
     if args.in_process and isinstance(pipeline.executor, LocalExecutor):
         pipeline.executor.in_process = True

@@ -48,6 +48,16 @@ class Recipe:
     data: dict
 
     @classmethod
+    def from_args(cls, args) -> "Recipe":
+        """The recipe of a ``prefdata run``/``gc`` command line: --set, --workdir, --output, --limit."""
+        overrides = list(args.overrides)
+        if getattr(args, "workdir", None):
+            overrides.append(f"workdir={args.workdir}")
+        if getattr(args, "output", None):
+            overrides.append(f"output={args.output}")
+        return cls.load(args.recipe, overrides, limit=args.limit)
+
+    @classmethod
     def load(cls, path: str | Path, overrides: list[str] = (), limit: int | None = None) -> "Recipe":
         path = Path(path)
         if not path.is_file():

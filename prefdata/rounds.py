@@ -419,12 +419,7 @@ def cmd_rounds(args) -> int:
     """``prefdata run`` for a recipe with ``rounds:``."""
     from prefdata.recipe import Recipe
 
-    overrides = list(args.overrides)
-    if args.workdir:
-        overrides.append(f"workdir={args.workdir}")
-    if args.output:
-        overrides.append(f"output={args.output}")
-    recipe = Recipe.load(args.recipe, overrides, limit=args.limit)
+    recipe = Recipe.from_args(args)
     if "rounds" not in recipe.data:
         raise RoundsError(f"recipe {args.recipe}: eval_prompts: needs a rounds: block")
     if args.force:
