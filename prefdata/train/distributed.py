@@ -105,6 +105,11 @@ def check_launch(cfg, world: int) -> None:
     if cfg.batch_size % world:
         raise ValueError(f"train config: batch_size {cfg.batch_size} is not a multiple of the {world} launched "
                          "processes; the global batch is split evenly across them")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") or \
+            os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        raise ValueError("accelerate launch with FSDP or DeepSpeed: the bundled trainer shards data, not weights "
+                         "(every process holds the whole model, as DDP does); launch with --multi_gpu, or train "
+                         "a large model with LoRA (lora_r) so one process fits it")
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     wanted = "bf16" if cfg.precision == "bf16" else "no"
     if launched != wanted:

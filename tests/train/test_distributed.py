@@ -46,6 +46,10 @@ def test_a_launch_that_contradicts_the_recipe_is_an_error(monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with pytest.raises(ValueError, match="--mixed_precision bf16 conflicts with the recipe's precision: fp32"):
         Ranks(config_from({"data": "d", "model": "m", "batch_size": 4}))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="FSDP or DeepSpeed: the bundled trainer shards data, not weights"):
+        Ranks(config_from({"data": "d", "model": "m", "batch_size": 4}))
 
 
 def test_gradient_buckets_bound_the_extra_memory_and_keep_every_gradient_once():
