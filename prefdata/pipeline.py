@@ -24,6 +24,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from prefdata import shards
 from prefdata.executors.local import LocalExecutor
@@ -185,10 +186,9 @@ class Pipeline:
         if found is None:
             step.setup()
             try:
-                out = shards.as_output(step.read())
+                n = write_stream(step, step_dir, self.shard_size)
             finally:
                 step.teardown()
-            n = self._write_resharded(out, step_dir)
             found = {**marker, "n_shards": n, "metadata": getattr(step, "metadata", None)}
             shards.write_marker(step_dir, found)
         else:
@@ -325,12 +325,21 @@ def compute_global(step: GlobalStep, inputs: list[Path], step_dir: Path, shard_s
 def write_resharded(out: shards.Output, step_dir: Path, shard_size: int) -> int:
     """Split a whole-table output into shards of whole prompts; quarantine and counts go
     with shard 0."""
-    parts = shards.split_by_prompt(out.table, shard_size)
-    for index, part in enumerate(parts):
-        q = out.quarantine if index == 0 else None
-        c = out.counts if index == 0 else {}
-        shards.write_shard(step_dir, index, shards.Output(part, q, c))
-    return len(parts)
+    writer = shards.ShardWriter(step_dir, shard_size)
+    writer.add(out)
+    return writer.close()
+
+
+def write_stream(source: Source, step_dir: Path, shard_size: int) -> int:
+    """Write a source's batches as shards while it reads (``ShardWriter``), so its input is
+    never held whole; the caller writes the marker afterwards. A run killed here leaves no
+    marker, and the next run reads the source again from the start."""
+    writer = shards.ShardWriter(step_dir, shard_size, adjacent=getattr(source, "adjacent_prompts", False),
+                                final_schema=getattr(source, "output_schema", None))
+    for piece in tqdm(source.read_batches(), desc=f"{source.name} (batches)", unit="batch", leave=False,
+                      disable=None):
+        writer.add(piece)
+    return writer.close()
 
 
 def step_parts(step: Step, upstream: str) -> dict:

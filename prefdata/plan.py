@@ -30,7 +30,8 @@ def plan_pipeline(pipeline) -> list[dict]:
         marker = None if forced else shards.read_marker(step_dir)
         entry = {"index": i, "step": step.name, "label": labels[i], "kind": step.kind, "fingerprint": fp,
                  "dir": str(step_dir), "reasons": [], "models": []}
-        done = _done_shards(step_dir) if step_dir.is_dir() and not forced else 0
+        # only a map step keeps an interrupted run's shards (a source or global step writes all again)
+        done = _done_shards(step_dir) if step_dir.is_dir() and not forced and isinstance(step, MapStep) else 0
         if marker is not None:
             entry["status"] = "cached"
         else:

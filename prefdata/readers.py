@@ -156,7 +156,9 @@ class FileOptions:
 class FileSource(Source):
     """A source step whose config is a ``FileOptions``: checks, fingerprint and batches shared.
 
-    Subclasses add ``problems()`` (their own config checks) and ``convert(batches)``.
+    Subclasses add ``problems()`` (their own config checks) and ``convert_batches(batches)``:
+    from the file's batches of ``Rows``, the step's output in pieces (``Source.read_batches``),
+    so the runner writes shards while the file is read.
     """
 
     def check(self) -> None:
@@ -171,11 +173,11 @@ class FileSource(Source):
         c = self.config
         return source_fingerprint(c.path, c.file_format, c.split)
 
-    def read(self) -> Output:
+    def read_batches(self) -> Iterator[Output]:
         c = self.config
-        return self.convert(iter_rows(c.path, c.file_format, c.split))
+        return self.convert_batches(iter_rows(c.path, c.file_format, c.split))
 
-    def convert(self, batches: Iterator[Rows]) -> Output:
+    def convert_batches(self, batches: Iterator[Rows]) -> Iterator[Output]:
         raise NotImplementedError
 
 
@@ -273,9 +275,12 @@ def read_bytes(path: Path) -> bytes:
 
 
 # -- formats ----------------------------------------------------------------------------
-def iter_rows(path: str, fmt: str = "auto", split: str = "train", batch_bytes: int = BATCH_BYTES,
-              batch_rows: int = BATCH_ROWS) -> Iterator[Rows]:
-    """Read a local file/folder, or a Hub dataset id, as batches of ``Rows`` in file order."""
+def iter_rows(path: str, fmt: str = "auto", split: str = "train", batch_bytes: int | None = None,
+              batch_rows: int | None = None) -> Iterator[Rows]:
+    """Read a local file/folder, or a Hub dataset id, as batches of ``Rows`` in file order
+    (``BATCH_BYTES`` / ``BATCH_ROWS`` as they are at the call, unless given)."""
+    batch_bytes = BATCH_BYTES if batch_bytes is None else batch_bytes
+    batch_rows = BATCH_ROWS if batch_rows is None else batch_rows
     if fmt == "hub" or (fmt == "auto" and is_hub_id(path)):
         yield _table_rows(Path(path), "hub", load_hub(path, split))
         return

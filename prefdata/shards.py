@@ -4,15 +4,25 @@
 ``quarantine-00042.parquet`` holds the rows that shard rejected; ``_SUCCESS.json`` is the
 completion marker, written last. Executors call ``compute_shard`` so a shard file is the
 same whichever executor made it.
+
+A source's or global step's table is split into shards by ``ShardWriter``, which takes the
+table in pieces (a source's read batches) and writes each shard once it holds
+``shard_size`` prompts, so a large input is never held whole; its shards are exactly those
+``split_by_prompt`` makes of the whole table. A source's quarantine goes to
+``quarantine-00000.parquet`` (then ``-00001`` … when it is large) and its counts to the
+metadata of shard 0.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -152,3 +162,307 @@ def read_shards(paths: list[Path]) -> pa.Table:
     tables = [pq.read_table(p) for p in paths]
     tables = [t.replace_schema_metadata(None) for t in tables]
     return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+
+
+# -- streaming: shards written while a table arrives in pieces --------------------------------
+KEY = np.dtype("S16")
+LATE_DIR = "_late"
+LATE_BYTES = 128 << 20  # rows for already written shards held in memory before they go to disk
+QUARANTINE_ROWS = 100_000  # quarantined rows per quarantine file
+
+
+def hash128(frame: pl.DataFrame) -> np.ndarray:
+    """A 128-bit key per row (two seeded 64-bit row hashes) as ``S16`` bytes. Stable within
+    one polars version only, so keys live in memory for one run and are never stored."""
+    pair = np.stack([frame.hash_rows(seed=0).to_numpy(), frame.hash_rows(seed=1).to_numpy()], axis=1)
+    return np.ascontiguousarray(pair, dtype=np.uint64).view(KEY).ravel()
+
+
+class KeyIndex:
+    """A growing map from 128-bit keys to int64 values: 24 bytes a key, no Python object per
+    key, so a stream of millions of prompts can be remembered. Sorted runs that merge when
+    a newer one grows to half the size of the one before (lookups search each run)."""
+
+    def __init__(self):
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def __len__(self) -> int:
+        return sum(len(k) for k, _ in self.runs)
+
+    def _locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(run, position) of each key; run -1 where the key is absent."""
+        run = np.full(len(keys), -1, np.int64)
+        pos = np.zeros(len(keys), np.int64)
+        for r, (k, _) in enumerate(self.runs):
+            at = np.minimum(np.searchsorted(k, keys), len(k) - 1)
+            hit = (run < 0) & (k[at] == keys)
+            run[hit], pos[hit] = r, at[hit]
+        return run, pos
+
+    def get(self, keys: np.ndarray, default: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        """(values, found) for ``keys``; ``default`` where a key is absent."""
+        run, pos = self._locate(keys)
+        values = np.full(len(keys), default, np.int64)
+        for r, (_, v) in enumerate(self.runs):
+            hit = run == r
+            values[hit] = v[pos[hit]]
+        return values, run >= 0
+
+    def put(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Set ``keys`` (unique) to ``values``: existing keys are updated, new ones added."""
+        run, pos = self._locate(keys)
+        for r, (_, v) in enumerate(self.runs):
+            hit = run == r
+            v[pos[hit]] = values[hit]
+        new = run < 0
+        if new.any():
+            order = np.argsort(keys[new], kind="stable")
+            self.runs.append((keys[new][order], np.asarray(values, np.int64)[new][order]))
+        while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
+            (k2, v2), (k1, v1) = self.runs.pop(), self.runs.pop()
+            k, v = np.concatenate([k1, k2]), np.concatenate([v1, v2])
+            order = np.argsort(k, kind="stable")
+            self.runs.append((k[order], v[order]))
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns, order and types (columns it lacks are null), as
+    concatenating it with the other pieces would have made it."""
+    if table.schema.equals(schema):
+        return table
+    if table.num_columns:
+        table = pa.concat_tables([schema.empty_table(), table], promote_options="permissive")
+    else:
+        table = schema.empty_table() if not table.num_rows else pa.table(
+            [pa.nulls(table.num_rows, f.type) for f in schema], schema=schema)
+    table = table.select(schema.names)
+    return table if table.schema.equals(schema) else table.cast(schema)
+
+
+def group_prompts(table: pa.Table) -> pa.Table:
+    """Rows of a prompt together, prompts in first-seen order, rows in order within a prompt."""
+    if "prompt_id" not in table.column_names or table.num_rows < 2:
+        return table
+    ids = pl.from_arrow(table.select(["prompt_id"])).with_row_index("_row")
+    order = ids.with_columns(pl.col("_row").min().over("prompt_id").alias("_first")).sort(["_first", "_row"])
+    rows = order["_row"].to_numpy()
+    return table if bool((np.diff(rows.astype(np.int64)) == 1).all()) else table.take(pa.array(rows))
+
+
+def collect(pieces: Iterable, adjacent: bool = False, final_schema: Callable | None = None) -> Output:
+    """The pieces of a stream as one Output (``Source.read``): tables concatenated with the
+    final schema, counts added up, quarantines concatenated."""
+    tables, quarantine, counts = [], [], {}
+    for piece in pieces:
+        out = as_output(piece)
+        for k, v in out.counts.items():
+            counts[k] = counts.get(k, 0) + v
+        if out.quarantine is not None and out.quarantine.num_rows:
+            quarantine.append(out.quarantine)
+        if out.table.num_columns or out.table.num_rows:
+            tables.append(out.table)
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+    table = conform(table, (final_schema or _same)(table.schema))
+    table = group_prompts(table) if adjacent else table
+    return Output(table, pa.concat_tables(quarantine, promote_options="permissive") if quarantine else None, counts)
+
+
+def _same(schema: pa.Schema) -> pa.Schema:
+    return schema
+
+
+def clear_step_dir(step_dir: Path) -> None:
+    """Remove the shards, quarantine and set-aside rows a killed run may have left."""
+    for pattern in ("shard-*.parquet", "quarantine-*.parquet"):
+        for path in step_dir.glob(pattern):
+            path.unlink()
+    shutil.rmtree(step_dir / LATE_DIR, ignore_errors=True)
+
+
+class ShardWriter:
+    """Writes a table that arrives in pieces as shards of ``shard_size`` whole prompts.
+
+    The shards equal ``split_by_prompt`` of the whole table, whatever the pieces' sizes:
+    prompts are numbered in first-seen order (``KeyIndex``: prompt key -> rank) and prompt
+    ``r`` goes to shard ``r // shard_size``; rows keep their stream order within a shard,
+    or (``adjacent``) stay next to the prompt's other rows. A shard is written as soon as
+    its last prompt is seen. Rows that come later for a prompt whose shard is written are
+    set aside (in memory, on disk under ``_late/`` past ``LATE_BYTES``) and merged into
+    their shards by ``close``, which also gives every shard the final schema (columns a
+    late piece adds, types a later piece widens) and writes the counts into shard 0. The
+    step's marker, written by the caller after ``close``, is what says "finished".
+    """
+
+    def __init__(self, step_dir: Path, shard_size: int, adjacent: bool = False,
+                 final_schema: Callable[[pa.Schema], pa.Schema] | None = None):
+        self.dir, self.size, self.adjacent = Path(step_dir), shard_size, adjacent
+        self.final_schema = final_schema or _same
+        self.dir.mkdir(parents=True, exist_ok=True)
+        clear_step_dir(self.dir)
+        self.index = KeyIndex()
+        self.prompts = self.seq = self.written = 0
+        self.schema: pa.Schema | None = None
+        self.schemas: list[pa.Schema] = []  # of each written shard
+        self.pending: list[tuple[pa.Table, pl.DataFrame]] = []  # rows of shards not yet written
+        self.late: list[pa.Table] = []
+        self.late_bytes, self.spills, self.late_rows = 0, [], {}  # late_rows: shard -> rows set aside
+        self.counts: dict = {}
+        self.quarantine: list[pa.Table] = []
+        self.quarantine_files = self.quarantined = 0
+
+    # -- taking pieces -------------------------------------------------------------------
+    def add(self, piece) -> None:
+        out = as_output(piece)
+        for k, v in out.counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+        if out.quarantine is not None and out.quarantine.num_rows:
+            self._add_quarantine(out.quarantine)
+        table = out.table
+        if not (table.num_columns or table.num_rows):
+            return
+        self.schema = table.schema if self.schema is None else pa.unify_schemas(
+            [self.schema, table.schema], promote_options="permissive")
+        if table.num_rows:
+            self._place(table)
+            self._write_full(self.prompts // self.size)
+
+    def _place(self, table: pa.Table) -> None:
+        """Give each row its prompt's rank; queue it, or set it aside for a written shard."""
+        n = table.num_rows
+        seq = np.arange(self.seq, self.seq + n, dtype=np.int64)
+        self.seq += n
+        if "prompt_id" in table.column_names:
+            ids = pl.from_arrow(table.select(["prompt_id"]))
+            uniq = ids.unique(maintain_order=True).with_row_index("_u")
+            keys = hash128(uniq.select("prompt_id"))
+            ranks, found = self.index.get(keys)
+            fresh = ~found
+            ranks[fresh] = np.arange(self.prompts, self.prompts + int(fresh.sum()))
+            self.prompts += int(fresh.sum())
+            self.index.put(keys[fresh], ranks[fresh])
+            at = ids.join(uniq, on="prompt_id", how="left", nulls_equal=True, maintain_order="left")["_u"].to_numpy()
+            rank = ranks[at]
+        else:  # no prompts: every row is one
+            rank = seq
+            self.prompts += n
+        shard = rank // self.size
+        meta = pl.DataFrame({"_shard": shard, "_rank": rank, "_seq": seq})
+        late = shard < self.written
+        if late.any():
+            self._add_late(table.filter(pa.array(late)), meta.filter(pl.Series(late)))
+            table, meta = table.filter(pa.array(~late)), meta.filter(pl.Series(~late))
+        if table.num_rows:
+            self.pending.append((table, meta))
+
+    def _write_full(self, upto: int) -> None:
+        """Write the queued shards below ``upto`` (all their prompts seen)."""
+        if upto <= self.written or not self.pending:
+            return
+        table = pa.concat_tables([t for t, _ in self.pending], promote_options="permissive")
+        order = ["_shard", "_rank", "_seq"] if self.adjacent else ["_shard", "_seq"]
+        meta = pl.concat([m for _, m in self.pending]).with_row_index("_i").sort(order)
+        bounds = np.searchsorted(meta["_shard"].to_numpy(), np.arange(self.written, upto + 1))
+        taken = table.take(pa.array(meta["_i"][: bounds[-1]].to_numpy()))
+        for j, index in enumerate(range(self.written, upto)):
+            part = taken.slice(bounds[j], bounds[j + 1] - bounds[j])
+            write_shard(self.dir, index, Output(part))
+            self.schemas.append(part.schema)
+        rest = meta[int(bounds[-1]):]
+        self.pending = [(table.take(pa.array(rest["_i"].to_numpy())), rest.drop("_i"))] if rest.height else []
+        self.written = upto
+
+    def _add_late(self, table: pa.Table, meta: pl.DataFrame) -> None:
+        table = table.append_column("_shard", pa.array(meta["_shard"].to_numpy())).append_column(
+            "_seq", pa.array(meta["_seq"].to_numpy()))
+        for shard, count in meta.group_by("_shard").len().iter_rows():
+            self.late_rows[shard] = self.late_rows.get(shard, 0) + count
+        self.late.append(table)
+        self.late_bytes += table.nbytes
+        if self.late_bytes > LATE_BYTES:
+            self._spill()
+
+    def _spill(self) -> None:
+        if not self.late:
+            return
+        table = pa.concat_tables(self.late, promote_options="permissive").sort_by([("_shard", "ascending"),
+                                                                                    ("_seq", "ascending")])
+        path = self.dir / LATE_DIR / f"late-{len(self.spills):05d}.parquet"
+        path.parent.mkdir(exist_ok=True)
+        pq.write_table(table, path, row_group_size=16_384)
+        self.spills.append((path, table.schema))
+        self.late, self.late_bytes = [], 0
+
+    def _add_quarantine(self, table: pa.Table) -> None:
+        self.quarantine.append(table)
+        self.quarantined += table.num_rows
+        if sum(t.num_rows for t in self.quarantine) >= QUARANTINE_ROWS:
+            self._flush_quarantine()
+
+    def _flush_quarantine(self) -> None:
+        if self.quarantine:
+            write_parquet(pa.concat_tables(self.quarantine, promote_options="permissive"),
+                          quarantine_path(self.dir, self.quarantine_files))
+            self.quarantine_files += 1
+            self.quarantine = []
+
+    # -- finishing -------------------------------------------------------------------------
+    def close(self) -> int:
+        """Write what is left, merge the set-aside rows, conform every shard; the shard count."""
+        self._write_full(-(-self.prompts // self.size))
+        schema = self.final_schema(self.schema if self.schema is not None else pa.schema([]))
+        if self.written == 0:  # an empty table is one empty shard
+            write_shard(self.dir, 0, Output(schema.empty_table()))
+            self.schemas, self.written = [schema], 1
+        redo = {0} | set(self.late_rows) | {k for k, s in enumerate(self.schemas) if not s.equals(schema)}
+        for index, late in self._late_groups(sorted(redo)):
+            written = self.schemas[index]  # read back as written (parquet renames list items)
+            table = pq.read_table(shard_path(self.dir, index), schema=written)
+            table = table.replace_schema_metadata(_without_counts(table.schema.metadata))
+            if late is not None:
+                table = pa.concat_tables([table, late.drop_columns(["_shard", "_seq"])], promote_options="permissive")
+                table = group_prompts(table) if self.adjacent else table
+            counts = dict(self.counts) if index == 0 else {}
+            if index == 0 and self.quarantined:
+                counts["quarantined"] = counts.get("quarantined", 0) + self.quarantined
+            write_shard(self.dir, index, Output(conform(table, schema), None, counts))
+        self._flush_quarantine()
+        shutil.rmtree(self.dir / LATE_DIR, ignore_errors=True)
+        return self.written
+
+    def _late_groups(self, shards: list[int]):
+        """(shard, its set-aside rows or None), reading the spilled rows a range at a time."""
+        if self.spills:
+            self._spill()
+        avg = max(1, sum(p.stat().st_size for p, _ in self.spills) // max(1, sum(self.late_rows.values())))
+        chunk: list[int] = []
+        rows = 0
+        for index in shards + [None]:
+            if index is not None:
+                chunk.append(index)
+                rows += self.late_rows.get(index, 0)
+                if rows * avg < LATE_BYTES // 2:
+                    continue
+            if chunk:
+                yield from self._late_chunk(chunk)
+            chunk, rows = [], 0
+
+    def _late_chunk(self, shards: list[int]):
+        lo, hi = shards[0], shards[-1]
+        parts = list(self.late)
+        for path, schema in self.spills:
+            parts.append(pq.read_table(path, schema=schema, filters=[("_shard", ">=", lo), ("_shard", "<=", hi)]))
+        parts = [p for p in parts if p.num_rows]
+        late = pa.concat_tables(parts, promote_options="permissive").sort_by(
+            [("_shard", "ascending"), ("_seq", "ascending")]) if parts else None
+        if late is not None:
+            starts = np.searchsorted(late["_shard"].to_numpy(), np.array(shards + [hi + 1]))
+        for j, index in enumerate(shards):
+            n = 0 if late is None else int(starts[j + 1] - starts[j])
+            yield index, late.slice(int(starts[j]), n) if n else None
+
+
+def _without_counts(metadata: dict | None) -> dict | None:
+    if not metadata:
+        return None
+    rest = {k: v for k, v in metadata.items() if k != COUNTS_KEY.encode()}
+    return rest or None

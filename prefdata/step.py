@@ -22,7 +22,7 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import polars as pl
 import pyarrow as pa
@@ -141,12 +141,37 @@ class Step:
 
 
 class Source(Step):
-    """Produces the first table of a pipeline from outside data."""
+    """Produces the first table of a pipeline from outside data.
+
+    A source defines ``read`` (the whole table at once) or ``read_batches`` (the table in
+    pieces, in order, each a table or an ``Output`` whose counts are added up); either one
+    gives the other. The runner writes shards from ``read_batches`` as they come, so a
+    source that reads its file in batches never holds the whole input. The shards are
+    those of the concatenated pieces: rows in stream order, or with ``adjacent_prompts``
+    each prompt's rows together where its first row was; ``output_schema`` may reorder the
+    columns of the pieces' unified schema (a column that only later pieces have).
+    """
 
     kind: ClassVar[str] = "source"
+    adjacent_prompts: ClassVar[bool] = False
 
     def read(self) -> pa.Table | Output:
-        raise NotImplementedError
+        """The whole output at once (tests, small inputs): the batches, collected."""
+        if type(self).read_batches is Source.read_batches:
+            raise NotImplementedError(f"source '{self.name}' defines neither read() nor read_batches()")
+        from prefdata.shards import collect
+
+        return collect(self.read_batches(), self.adjacent_prompts, self.output_schema)
+
+    def read_batches(self) -> Iterator[pa.Table | Output]:
+        """The output in pieces, in order (default: ``read()`` as one piece)."""
+        if type(self).read is Source.read:
+            raise NotImplementedError(f"source '{self.name}' defines neither read() nor read_batches()")
+        yield self.read()
+
+    def output_schema(self, schema: pa.Schema) -> pa.Schema:
+        """The output's schema, given the unified schema of all pieces (default: that one)."""
+        return schema
 
 
 class MapStep(Step):

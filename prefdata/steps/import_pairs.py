@@ -42,7 +42,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Iterator
 
 import numpy as np
 import polars as pl
@@ -52,6 +52,7 @@ from prefdata.control_text import CONTROL_PATTERN, ESCAPED, ControlText
 from prefdata.readers import (QUARANTINE, BadRow, FileOptions, FileSource, Rows, quarantine_row, raise_first,
                               text_or_json)
 from prefdata.schema import MESSAGES, RESPONSE, ROLES, SAMPLING
+from prefdata.shards import KeyIndex, hash128
 from prefdata.step import Output
 
 PAIR_FORMATS = ("auto", "trl_conversational", "trl_standard", "hh_transcript")
@@ -80,6 +81,7 @@ class ImportPairs(FileSource):
     name: ClassVar[str] = "import_pairs"
     version: ClassVar[str] = "2"  # 2: strict readers, control-text count and policy
     Config: ClassVar[type] = ImportPairsConfig
+    adjacent_prompts: ClassVar[bool] = True  # a prompt's pairs together, where its first pair was
 
     def problems(self) -> list[str]:
         c = self.config
@@ -88,43 +90,95 @@ class ImportPairs(FileSource):
     def output_columns(self, columns: list[str]) -> list[str]:
         return list(COLUMNS)
 
-    def convert(self, batches: Iterable[Rows]) -> Output:
-        return import_pairs(batches, self.config)
+    def convert_batches(self, batches: Iterable[Rows]) -> Iterator[Output]:
+        return pair_batches(batches, self.config)
 
 
-def import_pairs(batches: Iterable[Rows], c: ImportPairsConfig) -> Output:
-    counts = Counter(rows_read=0)
-    frames, bad, path = [], [], None
+def pair_batches(batches: Iterable[Rows], c: ImportPairsConfig) -> Iterator[Output]:
+    """One Output per batch read (its response rows, in file order, and its bad rows), then
+    the counts. Duplicates, ``sample_index`` and ``limit`` span batches (``_Pairs``)."""
+    state, path = _Pairs(c), None
     for rows in batches:
         path = rows.path
-        counts["rows_read"] += len(rows) + len(rows.bad)
-        frame, rejected = _batch_pairs(rows, c)
-        frames.append(frame)
-        bad += rejected
-        last_row = _limit_row(frames, c.limit)
-        if last_row is not None:
+        out, more = state.batch(rows)
+        yield out
+        if not more:
+            break
+    if state.counts["rows_read"] == 0:
+        raise ValueError(f"{path}: the file holds no rows; give a file with at least one pair")
+    yield Output(pa.table({}), None, state.final_counts())
+
+
+class _Pairs:
+    """What the batches so far decided: the pairs imported (128-bit keys of prompt, chosen
+    and rejected, to skip exact duplicates) and how many pairs each prompt has (its next
+    pair's ``sample_index``), as ``KeyIndex``es rather than Python objects per pair."""
+
+    def __init__(self, c: ImportPairsConfig):
+        self.c = c
+        self.counts = Counter(rows_read=0)
+        self.quarantined: Counter = Counter()
+        self.pair_counts = Counter(skipped_duplicate=0, imported=0, control_text_rows=0,
+                                   prompts_with_several_pairs=0)
+        self.seen, self.per_prompt = KeyIndex(), KeyIndex()
+
+    def batch(self, rows: Rows) -> tuple[Output, bool]:
+        """This batch's responses and quarantined rows; False once ``limit`` pairs are in."""
+        c = self.c
+        frame, bad = _batch_pairs(rows, c)
+        frame = frame.sort("row")
+        frame = frame.with_columns(pid=_ids(frame.select(_json_messages("prompt")).to_series(),
+                                            frame["prompt"], lambda m: prompt_id(m)))
+        keys = hash128(frame.select("pid", "good", "worse"))
+        _, before = self.seen.get(keys)
+        new = frame.select(pl.struct("pid", "good", "worse").is_first_distinct()).to_series().to_numpy() & ~before
+        last_row = None
+        if c.limit is not None and int(new.sum()) >= c.limit - self.pair_counts["imported"]:
+            cut = int(np.flatnonzero(new)[c.limit - self.pair_counts["imported"] - 1]) + 1
+            last_row = int(frame["row"][cut - 1])
+            frame, keys, new = frame.head(cut), keys[:cut], new[:cut]
             bad = [r for r in bad if r["row"] <= last_row]  # rows after the limit are not imported, nor checked
         if bad and c.on_error == "raise":
             raise_first(bad)
-        if last_row is not None:
-            break
-    if counts["rows_read"] == 0:
-        raise ValueError(f"{path}: the file holds no rows; give a file with at least one pair")
-    pairs = pl.concat(frames).sort("row")
-    table, pair_counts = response_table(pairs, c.limit)
-    for exc_row in bad:
-        counts[f"quarantined_{exc_row['reason']}"] += 1
-    counts.update(pair_counts)
-    quarantine = pa.Table.from_pylist(bad, schema=QUARANTINE) if bad else None
-    return Output(table, quarantine, dict(counts))
+        self._count_rows(rows, last_row)
+        for r in bad:
+            self.quarantined[f"quarantined_{r['reason']}"] += 1
+        pairs = frame.filter(pl.Series(new))
+        self.seen.put(keys[new], np.zeros(int(new.sum()), np.int64))
+        pairs = self._numbered(pairs)
+        self.pair_counts["skipped_duplicate"] += frame.height - pairs.height
+        self.pair_counts["imported"] += pairs.height
+        self.pair_counts["control_text_rows"] += int(pairs["control"].sum())
+        self.pair_counts["prompts_with_several_pairs"] += int((pairs["k"] == 1).sum())
+        quarantine = pa.Table.from_pylist(bad, schema=QUARANTINE) if bad else None
+        return Output(response_rows(pairs), quarantine), last_row is None
 
+    def _count_rows(self, rows: Rows, last_row: int | None) -> None:
+        """Rows read: the whole batch, or up to the row of the ``limit``-th pair."""
+        if last_row is None:
+            self.counts["rows_read"] += len(rows) + len(rows.bad)
+            return
+        numbers = np.asarray(rows.numbers)
+        self.counts["rows_read"] += int((numbers <= last_row).sum()) + sum(n <= last_row for n, _, _ in rows.bad)
 
-def _limit_row(frames: list[pl.DataFrame], limit: int | None) -> int | None:
-    """The file row of the ``limit``-th distinct pair once that many are read, else None."""
-    if limit is None or sum(f.height for f in frames) < limit:
-        return None
-    distinct = pl.concat(frames).sort("row").unique(["prompt", "good", "worse"], keep="first", maintain_order=True)
-    return int(distinct["row"][limit - 1]) if distinct.height >= limit else None
+    def _numbered(self, pairs: pl.DataFrame) -> pl.DataFrame:
+        """``k``: the pair's number among its prompt's pairs, over all batches so far."""
+        pairs = pairs.with_columns(k=pl.int_range(pl.len()).over("pid"))
+        if not pairs.height:
+            return pairs
+        per = pairs.group_by("pid", maintain_order=True).len()
+        keys = hash128(per.select("pid"))
+        earlier, _ = self.per_prompt.get(keys, default=0)
+        self.per_prompt.put(keys, earlier + per["len"].to_numpy())
+        per = per.select("pid", pl.Series("earlier", earlier))
+        return pairs.join(per, on="pid", how="left", maintain_order="left").with_columns(
+            k=pl.col("k") + pl.col("earlier")).drop("earlier")
+
+    def final_counts(self) -> dict:
+        counts = {**self.counts, **self.quarantined, **self.pair_counts}
+        if not counts["control_text_rows"]:
+            del counts["control_text_rows"]
+        return counts
 
 
 def _batch_pairs(rows: Rows, c: ImportPairsConfig) -> tuple[pl.DataFrame, list[dict]]:
@@ -381,21 +435,10 @@ def _hh_fast(rows: Rows, c: ImportPairsConfig) -> tuple[pl.DataFrame | None, Any
 
 
 # -- the response table -----------------------------------------------------------------
-def response_table(pairs: pl.DataFrame, limit: int | None) -> tuple[pa.Table, dict]:
-    """Two response rows per pair, the pairs of one prompt adjacent (first-seen order)."""
-    pairs = pairs.with_columns(pid=_ids(pairs.select(_json_messages("prompt")).to_series(),
-                                        pairs["prompt"], lambda m: prompt_id(m)))
-    n_in = pairs.height
-    pairs = pairs.unique(subset=["pid", "good", "worse"], keep="first", maintain_order=True)
-    counts = {"skipped_duplicate": n_in - pairs.height}
-    if limit is not None:
-        pairs = pairs.head(limit)
-    counts["imported"] = pairs.height
-    if "control" in pairs.columns and pairs["control"].any():
-        counts["control_text_rows"] = int(pairs["control"].sum())
-    pairs = pairs.with_columns(k=pl.int_range(pl.len()).over("pid"), first=pl.col("row").min().over("pid"))
-    counts["prompts_with_several_pairs"] = int((pairs["k"] == 1).sum())
-    pairs = pairs.sort(["first", "row"]).with_row_index("pos")
+def response_rows(pairs: pl.DataFrame) -> pa.Table:
+    """Two response rows per pair (chosen, rejected), pairs in the order given; ``pid`` and
+    ``k`` (the pair's number among its prompt's pairs) already set."""
+    pairs = pairs.with_row_index("pos")
     sides = []
     for side, text, gen in ((0, "good", "gen_c"), (1, "worse", "gen_r")):
         sides.append(pairs.select(
@@ -428,7 +471,7 @@ def response_table(pairs: pl.DataFrame, limit: int | None) -> tuple[pa.Table, di
         "original_role": pa.array(np.tile(np.array(["chosen", "rejected"], object), n // 2), pa.string()),
         "original_row": long["row"].to_arrow().cast(pa.int64()),
     })
-    return table, counts
+    return table
 
 
 def _arrow(series: pl.Series, type_: pa.DataType) -> pa.Array:

@@ -30,7 +30,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -64,12 +64,22 @@ class ImportRatings(FileSource):
         aspects = [f"score_original_{_slug(a)}" for a in self.config.aspects or []]
         return list(RESPONSE.names) + ["score_original", "label_source", "original_row"] + aspects
 
-    def convert(self, batches: Iterable[Rows]) -> Output:
-        return import_ratings(batches, self.config)
+    def convert_batches(self, batches: Iterable[Rows]) -> Iterator[Output]:
+        return rating_batches(batches, self.config)
+
+    def output_schema(self, schema: pa.Schema) -> pa.Schema:
+        """``score_original_overall`` before the aspect columns, as one table would have it
+        (a batch without overall scores, or aspects first seen in a later batch, change the
+        order the batches' schemas unify in)."""
+        names = list(RESPONSE.names) + ["score_original", "label_source", "original_row", "score_original_overall"]
+        first = [schema.field(n) for n in names if n in schema.names]
+        return pa.schema(first + [f for f in schema if f.name not in names], metadata=schema.metadata)
 
 
-def import_ratings(batches: Iterable[Rows], c: ImportRatingsConfig) -> Output:
-    counts, out, bad, path = Counter(rows_read=0, imported=0), [], [], None
+def rating_batches(batches: Iterable[Rows], c: ImportRatingsConfig) -> Iterator[Output]:
+    """One Output per batch read (its response rows and bad rows), then the counts."""
+    counts, path = Counter(rows_read=0, imported=0), None
+    quarantined, responses, missing = Counter(), 0, 0
     control = ControlText(c.special_tokens)
     for rows in batches:
         path = rows.path
@@ -77,21 +87,25 @@ def import_ratings(batches: Iterable[Rows], c: ImportRatingsConfig) -> Output:
             if name not in rows.columns and len(rows):
                 raise ValueError(f"{rows.path}: no column '{name}' (columns: {rows.columns}); set "
                                  f"`prompt_field:` / `completions_field:`")
+        out, bad = [], []
         more = _batch(rows, c, control, counts, out, bad)
         if bad and c.on_error == "raise":
             raise_first(bad)
+        for row in bad:
+            quarantined[f"quarantined_{row['reason']}"] += 1
+        responses += len(out)
+        missing += sum(v is None for r in out for v in r["ratings"].values())
+        yield Output(_table(out, c), pa.Table.from_pylist(bad, schema=QUARANTINE) if bad else None)
         if not more:
             break
     if counts["rows_read"] == 0:
         raise ValueError(f"{path}: the file holds no rows; give a file with at least one instruction")
-    for row in bad:
-        counts[f"quarantined_{row['reason']}"] += 1
-    counts["responses"] = len(out)
-    counts["ratings_missing"] = sum(v is None for r in out for v in r["ratings"].values())
+    counts.update(quarantined)
+    counts["responses"] = responses
+    counts["ratings_missing"] = missing
     if not counts["control_text_rows"]:
         del counts["control_text_rows"]
-    quarantine = pa.Table.from_pylist(bad, schema=QUARANTINE) if bad else None
-    return Output(_table(out, c), quarantine, dict(counts))
+    yield Output(pa.table({}), None, dict(counts))
 
 
 def _batch(rows: Rows, c: ImportRatingsConfig, control: ControlText, counts: Counter, out: list, bad: list) -> bool:

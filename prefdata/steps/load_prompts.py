@@ -30,8 +30,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
+import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -39,6 +41,7 @@ from prefdata.control_text import ControlText
 from prefdata.readers import (QUARANTINE, BadRow, Rows, describe, existing, file_sha256, import_datasets,
                               iter_rows, option_problems, quarantine_row)
 from prefdata.schema import MESSAGES, PROMPT, ROLES, prompt_id
+from prefdata.shards import KeyIndex, hash128
 from prefdata.step import Output, Source
 
 FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "datasets")
@@ -83,29 +86,38 @@ class LoadPrompts(Source):
     def fingerprint_extra(self) -> Any:
         return {"sha256": file_sha256(existing(self.config.path, "prompt file"))}
 
-    def read(self) -> Output:
+    def read_batches(self) -> Iterator[Output]:
+        """One Output per batch of the file (its prompts and quarantined rows), then the counts."""
         c = self.config
         path = existing(c.path, "prompt file")
         collect = _Collector(c)
         for rows in iter_rows(str(path), c.format):
-            if not collect.batch(rows):
+            more = collect.batch(rows)
+            yield collect.take(path)
+            if not more:
                 break
         if collect.counts["rows_read"] == 0:
             raise ValueError(f"{path}: the file holds no rows; give a file with at least one prompt")
-        quarantine = pa.Table.from_pylist(collect.bad, schema=QUARANTINE) if collect.bad else None
-        return Output(collect.table(path), quarantine, dict(collect.counts))
+        if not collect.counts["control_text_rows"]:
+            del collect.counts["control_text_rows"]
+        yield Output(pa.table({}), None, dict(collect.counts))
 
 
 class _Collector:
-    """Prompts kept so far, over the batches of one file (dedupe and limit span batches)."""
+    """Prompts kept from each batch of one file; dedupe and limit span batches (the prompt
+    ids seen are kept as 128-bit keys, ``KeyIndex``, not as Python strings)."""
 
     def __init__(self, c: LoadPromptsConfig):
         self.c, self.control = c, ControlText(c.special_tokens)
         self.counts = Counter(rows_read=0, duplicates=0)
-        self.seen: set[str] = set()
+        self.seen = KeyIndex()
+        self.kept = 0
+        self._reset()
+
+    def _reset(self) -> None:
         self.ids: list[str] = []
         self.messages: list[list[dict]] = []
-        self.extras: list[pa.Table] = []
+        self.extras: pa.Table | None = None
         self.bad: list[dict] = []
 
     def batch(self, rows: Rows) -> bool:
@@ -117,33 +129,66 @@ class _Collector:
         if rows.fmt == "csv" and c.field not in rows.columns:
             raise ValueError(f"{rows.path}: the header has no column '{c.field}' (columns: {rows.columns}); "
                              "set `field:` to the column that holds the prompt")
-        values = rows.column(c.field)
-        kept, more = [], True
-        for number, i, raw, exc in rows.events():
+        events = self._convert(rows)
+        earlier = self._seen_before([e[3][1] for e in events if isinstance(e[3], tuple)]) if c.dedupe else set()
+        kept, local, more = [], set(), True
+        for number, i, raw, result, found in events:
             self.counts["rows_read"] += 1
-            try:
-                if exc is not None:
-                    raise exc
-                messages = self._conversation(rows, i, values[i])
-            except BadRow as error:
-                self._reject(rows, number, raw if i is None else rows.raw(i), error)
+            if isinstance(result, BadRow):
+                self._reject(rows, number, raw if i is None else rows.raw(i), result)
                 continue
-            pid = prompt_id(messages)
-            if c.dedupe and pid in self.seen:
+            messages, pid = result
+            self.counts["control_text_rows"] += found
+            if c.dedupe and (pid in local or pid in earlier):
                 self.counts["duplicates"] += 1
                 continue
-            self.seen.add(pid)
+            local.add(pid)
             self.ids.append(pid)
             self.messages.append(messages)
             kept.append(i)
-            if c.limit is not None and len(self.ids) >= c.limit:
+            if c.limit is not None and self.kept + len(kept) >= c.limit:
                 more = False
                 break
-        self.extras.append(_extras(rows, c.field, kept))
+        self.kept += len(kept)
+        if c.dedupe and local:
+            self.seen.put(hash128(pl.DataFrame({"p": list(local)})), np.zeros(len(local), np.int64))
+        self.extras = _extras(rows, c.field, kept)
         return more
 
-    def _conversation(self, rows: Rows, i: int, value: Any) -> list[dict]:
-        """The messages of a row, with the configured system message; raises BadRow."""
+    def _convert(self, rows: Rows) -> list[tuple]:
+        """(row number, index, raw, (messages, prompt id) or BadRow, control text found) per
+        row in file order; nothing is raised or counted here (rows past the limit never are)."""
+        values = rows.column(self.c.field)
+        events = []
+        for number, i, raw, exc in rows.events():
+            if exc is not None:
+                events.append((number, i, raw, exc, 0))
+                continue
+            try:
+                messages, found = self._conversation(rows, i, values[i])
+            except BadRow as error:
+                events.append((number, i, raw, error, 0))
+                continue
+            events.append((number, i, raw, (messages, prompt_id(messages)), found))
+        return events
+
+    def _seen_before(self, ids: list[str]) -> set[str]:
+        """The prompt ids among ``ids`` that an earlier batch kept."""
+        if not len(self.seen) or not ids:
+            return set()
+        _, found = self.seen.get(hash128(pl.DataFrame({"p": ids})))
+        return {pid for pid, hit in zip(ids, found) if hit}
+
+    def take(self, path: Path) -> Output:
+        """This batch's prompts and quarantined rows (then forgets them)."""
+        quarantine = pa.Table.from_pylist(self.bad, schema=QUARANTINE) if self.bad else None
+        out = Output(self.table(path), quarantine)
+        self._reset()
+        return out
+
+    def _conversation(self, rows: Rows, i: int, value: Any) -> tuple[list[dict], int]:
+        """The messages of a row, with the configured system message, and whether it held
+        chat-control text; raises BadRow."""
         c = self.c
         if rows.objects is not None and c.field not in rows.objects[i]:
             keys = ", ".join(map(str, rows.objects[i])) or "none"
@@ -151,10 +196,9 @@ class _Collector:
                          "set `field:` to the column that holds the prompt, or add it to the row")
         messages = to_messages(value, c.field, c.max_chars)
         messages, found = self.control.messages(messages, c.field)
-        self.counts["control_text_rows"] += found
         if c.system is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": c.system}] + messages
-        return messages
+        return messages, found
 
     def _reject(self, rows: Rows, number: int, raw: str, exc: BadRow) -> None:
         if self.c.on_error == "raise":
@@ -163,8 +207,9 @@ class _Collector:
         self.bad.append(quarantine_row(rows.path, rows.fmt, number, raw, exc))
 
     def table(self, path: Path) -> pa.Table:
+        """This batch's prompt table."""
         c = self.c
-        extras = pa.concat_tables(self.extras, promote_options="permissive") if self.extras else pa.table({})
+        extras = self.extras if self.extras is not None else pa.table({})
         n = len(self.ids)
         source = pa.array([c.source] * n, pa.string()) if c.source is not None else _source(extras, path.name, n)
         columns = {"prompt_id": pa.array(self.ids, pa.string()), "prompt": pa.array(self.messages, MESSAGES),
@@ -172,8 +217,6 @@ class _Collector:
         for name in extras.column_names:
             if name != "source":
                 columns[name] = extras[name]
-        if not self.counts["control_text_rows"]:
-            del self.counts["control_text_rows"]
         return pa.table(columns)
 
 
