@@ -244,3 +244,55 @@ def test_train_step_curry_iterations_chain_models_and_references(tmp_path, tiny_
     assert last["config"]["model"] == str(tmp_path / "iteration-0") == last["config"]["reference"]
     assert pq.read_table(tmp_path / "data" / "iteration-1.parquet").column("iteration").to_pylist() == [1, 1]
     assert sha(tmp_path / "model" / "model.safetensors") != sha(tmp_path / "iteration-0" / "model.safetensors")
+
+
+# -- early stopping across rounds -------------------------------------------------------------
+def expected_rounds(values: list[float], patience: int, mode: str) -> tuple[int | None, list[int]]:
+    """The rule written out on the rounds that ran: (the number of rounds after which it
+    stops, or None; the best round so far after each round)."""
+    best, bests = None, []
+    for k, v in enumerate(values):
+        if best is None or (v > values[best] if mode == "max" else v < values[best]):
+            best = k
+        bests.append(best)
+        if k - best >= patience:
+            return k + 1, bests
+    return None, bests
+
+
+@pytest.mark.slow
+def test_rounds_early_stopping_resolves_policy_to_the_best_round_and_stops(tmp_path, tiny_llama):
+    """Three rounds, patience 1, on the trainer's eval margin (a continuous value), once with
+    mode max and once with mode min in one workdir (rounds 0 and 1 are shared): whichever way
+    round 1 moves the margin, one mode stops after round 1 — round 2 never runs and the final
+    policy is round 0's model — and the other goes on to round 2 from round 1's model."""
+    runs = {}
+    for mode in ("max", "min"):
+        path = tiny_recipe(tmp_path, "iterative_dpo", tiny_llama, count=3,
+                           early_stopping={"metric": "eval_margin", "patience": 1, "mode": mode})
+        data = yaml.safe_load(path.read_text())
+        data.update(workdir=str(tmp_path / "work"), output=str(tmp_path / f"out-{mode}/data.parquet"))
+        run = RoundsRun(str(path), data, in_process=True, progress=False)
+        rows = run.run()
+        saved = [json.loads(line) for line in (tmp_path / "work" / "rounds.jsonl").read_text().splitlines()]
+        runs[mode] = (rows, saved, run.final_policy)
+    values = [r["eval_margin"] for r in runs["max"][0]][:2]
+    assert values == [r["eval_margin"] for r in runs["min"][0]][:2]  # rounds 0 and 1: the same computation
+    if values[0] == values[1]:
+        pytest.skip("round 1 left the eval margin exactly unchanged: neither mode improves (not expected)")
+    for mode, (rows, saved, final) in runs.items():
+        all_values = [r["eval_margin"] for r in rows]
+        stop, bests = expected_rounds(all_values, 1, mode)
+        assert stop == len(rows) if len(rows) < 3 else stop in (None, 3), (mode, all_values)
+        for k in range(1, len(rows)):  # round k samples and trains from the best model so far
+            assert rows[k]["policy_in"] == rows[bests[k - 1]]["policy_out"]
+        best = bests[len(rows) - 1]
+        assert final == rows[best]["policy_out"] and (Path(final) / "model.safetensors").exists()
+        assert [r["best"] for r in saved] == [r["round"] == best for r in rows]
+    stopped = [m for m, (rows, _, _) in runs.items() if len(rows) == 2]
+    went_on = [m for m, (rows, _, _) in runs.items() if len(rows) == 3]
+    assert len(stopped) == 1 and len(went_on) == 1
+    rows, _, final = runs[stopped[0]]
+    assert final == rows[0]["policy_out"]  # round 1 did worse: 'policy' is round 0's model
+    rows, _, final = runs[went_on[0]]
+    assert rows[2]["policy_in"] == rows[1]["policy_out"]

@@ -118,7 +118,9 @@ def run_trainer(cfg: TrainConfig) -> dict:
     from prefdata.train.trainer import train
 
     summary = train(cfg, resume=True, on_step=_kill_hook())
-    return {"train_steps": summary.get("step"), **last_eval(Path(cfg.output))}
+    selected = {k: summary[k] for k in ("early_stopped", "best_step", "best_value") if k in summary}
+    return {"train_steps": summary.get("step"), **selected,
+            **last_eval(Path(cfg.output), summary.get("best_step"))}
 
 
 def train_iterations(cfg: TrainConfig, table: pa.Table, out_dir: Path) -> dict:
@@ -140,12 +142,15 @@ def train_iterations(cfg: TrainConfig, table: pa.Table, out_dir: Path) -> dict:
     return {**meta, "iterations": len(iterations)}
 
 
-def last_eval(run_dir: Path) -> dict:
-    """The trainer's last eval record: chosen/rejected log-probs and their change since step 0."""
+def last_eval(run_dir: Path, step: int | None = None) -> dict:
+    """The trainer's last eval record (with early stopping: the selected step's), chosen and
+    rejected log-probs and their change since step 0."""
     path = run_dir / "log.jsonl"
     if not path.exists():
         return {}
-    evals = [json.loads(line) for line in path.read_text().splitlines() if '"eval/' in line]
+    evals = [r for r in map(json.loads, path.read_text().splitlines()) if "eval/loss" in r]
+    if step is not None:
+        evals = [r for r in evals if r["step"] == step] or evals
     if not evals:
         return {}
     keys = ("eval/loss", "eval/reward_accuracy", "eval/margin", "eval/chosen_logp", "eval/rejected_logp",

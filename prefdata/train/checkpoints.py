@@ -92,10 +92,11 @@ def read_state(ckpt: Path) -> dict:
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, baseline: dict,
-                    run: dict) -> Path:
-    """``run`` = {"run_id": ..., "identity": {...}}."""
+                    run: dict, early_stopping: dict | None = None) -> Path:
+    """``run`` = {"run_id": ..., "identity": {...}}; ``early_stopping``: the stopper's state,
+    whose best checkpoint rotation keeps."""
     folder = out / "checkpoints"
-    final, tmp = folder / f"step-{step:07d}", folder / f".tmp-step-{step:07d}"
+    final, tmp = checkpoint_path(out, step), folder / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_weights(model, tmp / "model.safetensors")
@@ -110,12 +111,19 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: Trai
              "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
              "rng_python": random.getstate(),
              "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    if early_stopping is not None:
+        state["early_stopping"] = early_stopping
     (tmp / "state.json").write_text(json.dumps(state))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    rotate(folder, run["run_id"], cfg.keep_checkpoints, final)
+    best = (early_stopping or {}).get("best_step")
+    rotate(folder, run["run_id"], cfg.keep_checkpoints, final, keep_also=None if best is None else checkpoint_path(out, best))
     return final
+
+
+def checkpoint_path(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step-{step:07d}"
 
 
 def save_weights(model, path: Path) -> None:
@@ -139,9 +147,10 @@ def load_weights(model, path: Path) -> None:
     model.load_state_dict(tensors, strict=False)
 
 
-def rotate(folder: Path, run_id: str, keep: int, newest: Path) -> list[Path]:
-    """Delete this run's checkpoints beyond the newest ``keep``; ``newest`` always stays."""
-    mine = [d for d in sorted(folder.glob("step-*")) if d != newest and _run_of(d) == run_id]
+def rotate(folder: Path, run_id: str, keep: int, newest: Path, keep_also: Path | None = None) -> list[Path]:
+    """Delete this run's checkpoints beyond the newest ``keep``; ``newest`` always stays, and
+    so does ``keep_also`` (early stopping's best), which does not count toward ``keep``."""
+    mine = [d for d in sorted(folder.glob("step-*")) if d not in (newest, keep_also) and _run_of(d) == run_id]
     doomed = mine[: max(0, len(mine) - (max(keep, 1) - 1))]
     for old in doomed:
         shutil.rmtree(old, ignore_errors=True)

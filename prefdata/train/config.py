@@ -80,6 +80,8 @@ class TrainConfig:
     # logging and checkpoints
     log_every: int = 1
     eval_every: int = 50                # 0: only at the start and the end
+    early_stopping: dict | None = None  # {metric, patience, mode}: stop after `patience` evals without
+                                        # improvement; the final model is the best eval's (early_stopping.py)
     save_every: int = 100               # 0: only at the end
     keep_checkpoints: int = 2
     progress: bool = True               # tqdm bars (reference pass, training steps)
@@ -165,6 +167,21 @@ def check(cfg: TrainConfig) -> None:
     if cfg.beta <= 0 or cfg.simpo_beta <= 0:
         raise ValueError("train config: 'beta' and 'simpo_beta' must be > 0")
     check_schedule(cfg)
+    check_early_stopping(cfg)
+
+
+def check_early_stopping(cfg: TrainConfig) -> None:
+    """Early stopping needs held-out pairs and evals during the run, not only at the end."""
+    from prefdata.train.early_stopping import parse
+
+    if parse(cfg.early_stopping) is None:
+        return
+    if cfg.eval_fraction <= 0:
+        raise ValueError("train config: 'early_stopping' needs eval pairs: set 'eval_fraction' > 0 "
+                         f"(it is {cfg.eval_fraction})")
+    if cfg.eval_every < 1:
+        raise ValueError("train config: 'early_stopping' needs evals during training: set 'eval_every' >= 1 "
+                         "(0 evaluates only at the start and the end)")
 
 
 def check_schedule(cfg: TrainConfig) -> None:

@@ -29,10 +29,11 @@ from prefdata.io import write_json
 from prefdata.models.hub import load_causal_lm, resolve
 from prefdata.train import losses, robust
 from prefdata.train.adapters import add_lora, require_peft
-from prefdata.train.checkpoints import (check_resumable, load_checkpoint, new_run_id, open_run_folder, read_state,
-                                        run_identity, save_checkpoint, save_final)
+from prefdata.train.checkpoints import (check_resumable, checkpoint_path, load_checkpoint, load_weights, new_run_id,
+                                        open_run_folder, read_state, run_identity, save_checkpoint, save_final)
 from prefdata.train.config import TrainConfig, as_dict, config_from, parse_set, read_recipe
 from prefdata.train.distributed import Ranks
+from prefdata.train.early_stopping import EarlyStopping
 from prefdata.train.data import (DataError, curriculum_batches, epoch_batches, load_examples, micro_batches,
                                  require_label_prob, split_eval, with_ld_prefix)
 from prefdata.train.reference import check_same_tokenizer, reference_logps
@@ -206,6 +207,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
     if ckpt is not None:
         step, baseline = load_checkpoint(ckpt, model, optimizer, scheduler)
         log.info("resumed from %s at step %d", ckpt, step)
+    stopper = EarlyStopping.from_config(cfg.early_stopping, read_state(ckpt).get("early_stopping") if ckpt else None)
     run_log = RunLog(out, cfg, resume_step=step if ckpt else None, enabled=ranks.main)
 
     def batch_at(g: int) -> np.ndarray:
@@ -249,7 +251,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
             if baseline:
                 run_log.write({"step": 0, **baseline})
         warned = False
-        while step < total_steps:
+        while step < total_steps and not (stopper and stopper.stopped):
             t0 = time.perf_counter()
             parts, loss_sum, n_seen = [], 0.0, 0
             for a in range(cfg.grad_accum):
@@ -280,8 +282,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
                 on_step(record)
             if step % cfg.log_every == 0 or step == total_steps:
                 run_log.write(record)
+            best_now = False
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
                 metrics = evaluate()
+                if stopper is not None:
+                    best_now = stop_or_best(stopper, step, metrics, ranks)
                 if metrics:
                     metrics.update(displacement(metrics, baseline))
                     run_log.write({"step": step, **metrics})
@@ -290,9 +295,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
                         log.warning("the chosen log-prob fell %.2f nats below its start while the margin grew "
                                     "(likelihood displacement, Razin et al. 2024); consider --loss rpo or "
                                     "filtering pairs by CHES", -metrics["eval/chosen_logp_change"])
-            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
+            if ((cfg.save_every and step % cfg.save_every == 0) or step == total_steps or best_now
+                    or (stopper and stopper.stopped)):
                 if ranks.main:
-                    save_checkpoint(out, step, model, optimizer, scheduler, cfg, baseline, run)
+                    save_checkpoint(out, step, model, optimizer, scheduler, cfg, baseline, run,
+                                    stopper.state() if stopper else None)
                 ranks.barrier()
             if stop_after is not None and step >= stop_after:
                 bar.close()
@@ -301,15 +308,44 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
     bar.close()
 
     # ---- final model: loads with AutoModelForCausalLM.from_pretrained(output) -------------
+    selected = select_best(stopper, step, model, out)
+    if selected:
+        run_log.write({"step": step, **selected})
     if ranks.main:
         save_final(out, model, tokenizer)
     ranks.barrier()
     run_log.close()
     log.info("done: %d steps, %d examples per step; model saved to %s", step, cfg.batch_size * cfg.grad_accum, out)
-    return {"step": step, "stopped": False, "main_process": ranks.main, **info}
+    return {"step": step, "stopped": False, "main_process": ranks.main, **selected, **info}
 
 
 # ---- helpers, in the order the loop uses them ----------------------------------------------
+
+
+def stop_or_best(stopper: EarlyStopping, step: int, metrics: dict, ranks: Ranks) -> bool:
+    """Record an eval with early stopping; True when it is the best so far (save it). Process
+    0 evaluates and decides; the others follow its decision."""
+    best = stopper.update(step, metrics)
+    best, stopped = ranks.sum(float(best)) > 0, ranks.sum(float(stopper.stopped)) > 0
+    stopper.stopped = stopped
+    if best:
+        log.info("early stopping: new best eval/%s %.4g at step %d", stopper.metric, stopper.best_value or 0.0, step)
+    elif stopped:
+        log.info("early stopping at step %d: no better eval/%s for %d eval(s); the final model is step %d's "
+                 "(eval/%s %.4g)", step, stopper.metric, stopper.patience, stopper.best_step, stopper.metric,
+                 stopper.best_value)
+    return best
+
+
+def select_best(stopper: EarlyStopping | None, step: int, model, out: Path) -> dict:
+    """With early stopping, load the best checkpoint's weights (kept by rotation) into the
+    model before it is saved as the final one; what was selected, for the summary."""
+    if stopper is None or stopper.best_step is None:
+        return {}
+    if stopper.best_step != step:
+        load_weights(model, checkpoint_path(out, stopper.best_step) / "model.safetensors")
+    return {"early_stopped": stopper.stopped, "best_step": stopper.best_step,
+            "best_metric": f"eval/{stopper.metric}", "best_value": stopper.best_value}
 
 
 def seed_everything(seed: int) -> None:
