@@ -5,7 +5,10 @@ step itself). ``iter_rows`` reads JSONL (also ``.gz``), JSON arrays, parquet, CS
 ``datasets`` ``save_to_disk`` folders in batches (``Rows``): the batch's columns, each
 row's number (line number for JSONL and CSV, 0-based row index otherwise) and the rows
 that could not be parsed at all, which the caller raises on or quarantines. Reading is
-lazy, so a caller that has enough rows (``limit``) stops reading the file there.
+lazy, so a caller that has enough rows (``limit``) stops reading the file there. JSONL is
+read ``BATCH_BYTES`` at a time, CSV and parquet ``BATCH_ROWS`` rows at a time; a
+``datasets`` folder or Hub split is memory-mapped and handed out in ``BATCH_ROWS`` slices;
+only a JSON array (no line boundaries) is parsed whole.
 
 Strictness, so that nothing bad passes as data:
 
@@ -282,7 +285,7 @@ def iter_rows(path: str, fmt: str = "auto", split: str = "train", batch_bytes: i
     batch_bytes = BATCH_BYTES if batch_bytes is None else batch_bytes
     batch_rows = BATCH_ROWS if batch_rows is None else batch_rows
     if fmt == "hub" or (fmt == "auto" and is_hub_id(path)):
-        yield _table_rows(Path(path), "hub", load_hub(path, split))
+        yield from _table_batches(Path(path), "hub", load_hub(path, split), batch_rows)
         return
     p = existing(path)
     fmt = resolve_format(p, fmt)
@@ -295,7 +298,7 @@ def iter_rows(path: str, fmt: str = "auto", split: str = "train", batch_bytes: i
     elif fmt == "parquet":
         yield from iter_parquet(p, batch_rows)
     elif fmt == "datasets":
-        yield _table_rows(p, fmt, read_datasets_dir(p))
+        yield from _table_batches(p, fmt, read_datasets_dir(p), batch_rows)
     else:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
 
@@ -623,6 +626,12 @@ def iter_parquet(path: Path, batch_rows: int = BATCH_ROWS) -> Iterator[Rows]:
             yield _table_rows(path, "parquet", parquet.schema_arrow.empty_table())
     except (pa.ArrowException, OSError) as exc:
         raise ValueError(f"{path}: cannot read as parquet ({exc}); check the file or `format:`") from None
+
+
+def _table_batches(path: Path, fmt: str, table: pa.Table, batch_rows: int) -> Iterator[Rows]:
+    """A memory-mapped ``datasets`` table in batches, so a caller converts one at a time."""
+    for start in range(0, max(table.num_rows, 1), batch_rows):
+        yield _table_rows(path, fmt, table.slice(start, batch_rows), first=start)
 
 
 def _table_rows(path: Path, fmt: str, table: pa.Table, first: int = 0) -> Rows:

@@ -180,8 +180,9 @@ def hash128(frame: pl.DataFrame) -> np.ndarray:
 
 class KeyIndex:
     """A growing map from 128-bit keys to int64 values: 24 bytes a key, no Python object per
-    key, so a stream of millions of prompts can be remembered. Sorted runs that merge when
-    a newer one grows to half the size of the one before (lookups search each run)."""
+    key, so a stream of millions of prompts can be remembered. Sorted runs, merged when a
+    newer one is as large as the one before (a binary counter: about log2(keys / batch)
+    runs, each key copied about that many times; lookups search each run)."""
 
     def __init__(self):
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []
@@ -218,7 +219,7 @@ class KeyIndex:
         if new.any():
             order = np.argsort(keys[new], kind="stable")
             self.runs.append((keys[new][order], np.asarray(values, np.int64)[new][order]))
-        while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
+        while len(self.runs) > 1 and len(self.runs[-2][0]) <= len(self.runs[-1][0]):
             (k2, v2), (k1, v1) = self.runs.pop(), self.runs.pop()
             k, v = np.concatenate([k1, k2]), np.concatenate([v1, v2])
             order = np.argsort(k, kind="stable")
