@@ -20,6 +20,8 @@ unambiguous verdict with nothing after it. A malformed output raises ``ParseErro
 with a short ``code`` and a readable detail; ``judge_with_retries`` asks again with
 another seed (sampling, even when the first try was greedy) up to ``max_attempts``
 times, then records the item as missing with its reason — never a crash, never a zero.
+Attempt k of an item is seeded per item (``draw_seed(seed, key, k)``, the key naming the
+item: its ids, or its conversation), never by its position in a batch.
 
 Structured output: where the backend can constrain decoding to a JSON schema (an
 OpenAI-compatible server's ``response_format``, vLLM's guided decoding), the judges ask
@@ -33,11 +35,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefdata.models.base import Conversation, Sampling
+from prefdata.models.base import Conversation, Sampling, draw_keys
 
 ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
 RUBRIC_FIELDS = ASPECTS + ("overall",)
@@ -362,29 +364,35 @@ def judge_with_retries(
     top_p: float = 0.95,
     max_new_tokens: int = 384,
     seed: int = 0,
+    keys: Sequence[str] | None = None,
     json_schema: dict | None = None,
 ) -> list[Judged]:
     """Ask once for every item; ask again (new seed, sampling) only for malformed answers.
 
-    Attempt k uses seed ``seed + k``; after the first attempt the temperature is
-    ``temperature`` when that samples, else ``retry_temperature`` (a greedy retry would
-    repeat the same text). With ``json_schema`` the model is asked to decode JSON that
-    follows it (only backends with ``supports_json_schema`` take the argument).
+    Attempt k of item i is drawn with ``draw_seed(seed, keys[i], k)`` (the backends'
+    per-draw seeds; keys default to each conversation's hash), so an item's judgments do
+    not depend on the other items of the call, the batch size or the shard. After the
+    first attempt the temperature is ``temperature`` when that samples, else
+    ``retry_temperature`` (a greedy retry would repeat the same text). With
+    ``json_schema`` the model is asked to decode JSON that follows it (only backends with
+    ``supports_json_schema`` take the argument).
     """
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+    if keys is not None and len(keys) != len(conversations):
+        raise ValueError(f"got {len(conversations)} conversations but {len(keys)} keys")
+    keys = draw_keys(conversations, keys)
     results = [Judged() for _ in conversations]
     pending = list(range(len(conversations)))
     for attempt in range(max_attempts):
         if not pending:
             break
         temp = temperature if attempt == 0 or temperature > 0 else retry_temperature
-        sampling = Sampling(temperature=temp, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed + attempt)
+        sampling = Sampling(temperature=temp, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
         asked = [conversations[i] for i in pending]
-        if json_schema is None:
-            outputs = model.generate(asked, 1, sampling)
-        else:
-            outputs = model.generate(asked, 1, sampling, json_schema=json_schema)
+        extra = {} if json_schema is None else {"json_schema": json_schema}
+        outputs = model.generate(asked, 1, sampling, keys=[keys[i] for i in pending], first_index=attempt,
+                                 **extra)
         still = []
         for i, texts in zip(pending, outputs):
             text = texts[0] if texts else ""

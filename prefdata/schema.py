@@ -22,6 +22,8 @@ SAMPLING = pa.struct(
         ("top_p", pa.float64()),
         ("max_new_tokens", pa.int64()),
         ("seed", pa.int64()),
+        ("stop", pa.list_(pa.string())),  # a reply is cut before the first of these ([]: none)
+        ("min_new_tokens", pa.int64()),
     ]
 )
 

@@ -1,11 +1,26 @@
 """An OpenAI-compatible chat-completions backend (vLLM's server, TGI, OpenAI), on the official SDK.
 
-Implements the ``generate`` part of the ``LanguageModel`` protocol (judges and samplers
-need nothing else). One ``openai.OpenAI`` client per model and API key keeps its HTTP
-connections open across calls; retries (HTTP 408/409/429/5xx, timeouts, refused
+Implements the ``generate`` / ``generate_replies`` part of the ``LanguageModel`` protocol
+(judges and samplers need nothing else). One ``openai.OpenAI`` client per model and API
+key keeps its HTTP connections open across calls; retries (HTTP 408/409/429/5xx, timeouts, refused
 connections, with the SDK's exponential backoff and ``Retry-After``) and the per-request
 ``timeout`` are the SDK's own (``max_retries``, ``timeout``). Requests run on a bounded
 thread pool (``concurrency`` in flight at most); results come back in input order.
+
+Each draw is its own request whose ``seed`` is ``draw_seed(seed, key, sample_index)`` — the
+derivation the transformers and vLLM backends use — so the seed a draw is sent with does
+not depend on the other conversations of a call, their order or the concurrency. (A server
+may still not be deterministic for a given seed: OpenAI documents ``seed`` as best effort;
+vLLM's server honours it.) ``use_n: true`` asks for a conversation's ``n`` draws in one
+request with one seed (fewer requests, but draw k then depends on ``n``). The API's
+``finish_reason`` maps to ``stop`` (``stop``; also TGI's ``eos_token``) or ``length``;
+anything else (``content_filter``, ``tool_calls`` …) is left null with a warning.
+
+``stop`` strings go out as the API's ``stop``. ``min_new_tokens`` has no OpenAI
+parameter: it is sent as vLLM's ``min_tokens`` extension (in the request body), which
+vLLM's OpenAI server honours; a server that rejects it (OpenAI: "Unrecognized request
+argument") raises an error naming the setting, and a server that ignores it is caught when
+a single-draw reply ends (``stop``) with fewer completion tokens than asked.
 
 ``generate(..., json_schema=...)`` asks for structured output — OpenAI's
 ``response_format={"type": "json_schema", ...}``, which vLLM's OpenAI server also honours —
@@ -24,12 +39,15 @@ import importlib.util
 import logging
 import os
 import threading
+from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from prefdata.models.base import Conversation, LogProb, Sampling
+from prefdata.models.base import (Conversation, Generation, LogProb, Sampling, draw_keys, draw_seed,
+                                  first_indices)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +57,8 @@ MAX_MESSAGE = 300
 MISSING = "the api backend needs the openai package: pip install 'prefdata[api]'"
 REMOVED = {"backoff": "the openai SDK backs off by itself", "max_backoff": "the openai SDK backs off by itself"}
 STRUCTURED_WORDS = ("response_format", "json_schema", "structured output", "guided")
+FINISH = {"stop": "stop", "eos_token": "stop", "eos": "stop", "length": "length"}
+MIN_TOKENS = "min_tokens"  # vLLM's extension of the chat-completions request
 
 
 class ApiError(RuntimeError):
@@ -107,28 +127,45 @@ class ApiLM:
         conversations: list[Conversation],
         n: int,
         sampling: Sampling,
+        keys: Sequence[str] | None = None,
+        first_index: Sequence[int] | int | None = None,
         json_schema: dict | None = None,
     ) -> list[list[str]]:
-        """``n`` replies per conversation; draw k of conversation i is seeded ``seed + i*n + k``.
+        """``n`` replies per conversation; see ``generate_replies``."""
+        replies = self.generate_replies(conversations, n, sampling, keys, first_index, json_schema)
+        return [[g.text for g in row] for row in replies]
 
-        With ``json_schema`` the server is asked to answer with JSON that follows it.
+    def generate_replies(
+        self,
+        conversations: list[Conversation],
+        n: int,
+        sampling: Sampling,
+        keys: Sequence[str] | None = None,
+        first_index: Sequence[int] | int | None = None,
+        json_schema: dict | None = None,
+    ) -> list[list[Generation]]:
+        """``n`` replies per conversation with their finish reasons.
+
+        Draw k of conversation i is one request with ``seed = draw_seed(sampling.seed,
+        keys[i], first_index[i] + k)`` (keys default to each conversation's hash). Greedy
+        replies are all the same: one request per conversation. With ``json_schema`` the
+        server is asked to answer with JSON that follows it.
         """
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
         if not conversations:
             return []
+        keys, starts = draw_keys(conversations, keys), first_indices(conversations, first_index)
         key = os.environ.get(self.api_key_env) or None
         client = self._client(key)
         greedy = sampling.temperature <= 0
+        per = 1 if greedy or self.use_n else n
         jobs = []  # (conversation index, request arguments)
         for i, conv in enumerate(conversations):
             base = self._request(conv, sampling, greedy, json_schema)
-            if greedy:
-                jobs.append((i, dict(base, seed=sampling.seed + i * n)))
-            elif self.use_n:
-                jobs.append((i, dict(base, n=n, seed=sampling.seed + i * n)))
-            else:
-                jobs.extend((i, dict(base, seed=sampling.seed + i * n + k)) for k in range(n))
+            if self.use_n and not greedy:
+                base["n"] = n
+            jobs.extend((i, dict(base, seed=draw_seed(sampling.seed, keys[i], starts[i] + k))) for k in range(per))
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(jobs))) as pool:
             futures = [pool.submit(self._complete, client, args, key) for _, args in jobs]
             try:
@@ -136,10 +173,13 @@ class ApiLM:
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
-        texts: list[list[str]] = [[] for _ in conversations]
-        for (i, _), choices in zip(jobs, results):
-            texts[i].extend(choices)
-        return [t[:1] * n if greedy else t[:n] for t in texts]
+        replies: list[list[Generation]] = [[] for _ in conversations]
+        unmapped: Counter = Counter()
+        for (i, _), (choices, raw) in zip(jobs, results):
+            replies[i].extend(choices)
+            unmapped.update(str(r) for r, g in zip(raw, choices) if g.finish_reason is None)
+        _warn_unmapped(unmapped)
+        return [r[:1] * n if greedy else r[:n] for r in replies]
 
     def logprobs(self, conversations: list[Conversation], responses: list[str]) -> list[LogProb]:
         raise NotImplementedError(
@@ -173,20 +213,26 @@ class ApiLM:
         }
         if not greedy:
             args["top_p"] = sampling.top_p
+        if sampling.stop:
+            args["stop"] = list(sampling.stop)
         if json_schema is not None:
             args["response_format"] = response_format(json_schema)
-        if self.extra_body:
-            args["extra_body"] = dict(self.extra_body)
+        extra = dict(self.extra_body)
+        if sampling.min_new_tokens:
+            extra[MIN_TOKENS] = sampling.min_new_tokens
+        if extra:
+            args["extra_body"] = extra
         return args
 
-    def _complete(self, client, args: dict, key: str | None) -> list[str]:
-        """The choices' texts of one request (the SDK retries); else ``ApiError``."""
+    def _complete(self, client, args: dict, key: str | None) -> tuple[list[Generation], list]:
+        """The choices of one request (the SDK retries) with mapped finish reasons, and the
+        reasons as the server wrote them; else ``ApiError``."""
         import openai
 
         try:
             reply = client.chat.completions.create(**args)
         except openai.APIStatusError as exc:
-            raise self._status_error(exc, key, "response_format" in args) from None
+            raise self._status_error(exc, key, args) from None
         except openai.APITimeoutError:
             raise ApiError(f"{self.url}: timed out after {self.timeout:g} s, {self.max_retries + 1} "
                            "attempt(s); raise timeout/max_retries or check the server") from None
@@ -198,11 +244,33 @@ class ApiLM:
         if not isinstance(choices, list):
             text = _redact(str(reply)[:MAX_MESSAGE], key)
             raise ApiError(f"{self.url}: the answer is not a chat completion (no 'choices'): {text!r}")
-        return [(getattr(c.message, "content", None) or "") if c.message else "" for c in choices]
+        raw = [getattr(c, "finish_reason", None) for c in choices]
+        out = [Generation((getattr(c.message, "content", None) or "") if c.message else "", FINISH.get(r))
+               for c, r in zip(choices, raw)]
+        self._check_min_tokens(reply, out, args)
+        return out, raw
 
-    def _status_error(self, exc, key: str | None, structured: bool) -> ApiError:
+    def _check_min_tokens(self, reply, out: list[Generation], args: dict) -> None:
+        """A server that silently ignores ``min_tokens`` is an error, not short replies."""
+        wanted = args.get("extra_body", {}).get(MIN_TOKENS, 0)
+        used = getattr(getattr(reply, "usage", None), "completion_tokens", None)
+        if not wanted or len(out) != 1 or out[0].finish_reason != "stop" or not isinstance(used, int):
+            return
+        if used < wanted:
+            raise ApiError(
+                f"{self.url}: a reply ended after {used} token(s) although min_new_tokens is {wanted}: "
+                f"the server ignores vLLM's '{MIN_TOKENS}' request field for model {self.name!r}; set "
+                "min_new_tokens: 0 or serve the model with vLLM")
+
+    def _status_error(self, exc, key: str | None, args: dict) -> ApiError:
         code = exc.status_code
         message = _redact(_server_message(exc), key)
+        structured = "response_format" in args
+        if code in (400, 422) and MIN_TOKENS in message and MIN_TOKENS in args.get("extra_body", {}):
+            return ApiError(
+                f"{self.url}: the server does not accept vLLM's '{MIN_TOKENS}' request field (HTTP "
+                f"{code}: {message}), which is how min_new_tokens is sent; set min_new_tokens: 0 "
+                "or serve the model with vLLM")
         if code in (401, 403):
             return ApiError(
                 f"{self.url}: authentication failed (HTTP {code}: {message}); check the API key in "
@@ -218,6 +286,15 @@ class ApiLM:
             return ApiError(f"{self.url}: gave up after {self.max_retries + 1} attempt(s): HTTP {code}: "
                             f"{message}; raise max_retries or check the server")
         return ApiError(f"{self.url}: HTTP {code}: {message}")
+
+
+def _warn_unmapped(reasons: Counter) -> None:
+    """Say once per call which finish reasons were neither stop nor length (left null)."""
+    if reasons:
+        total = sum(reasons.values())
+        log.warning("api: %d repl%s ended with finish_reason %s (neither stop nor length): "
+                    "finish_reason left null", total, "y" if total == 1 else "ies",
+                    ", ".join(f"{k!r} ({v})" for k, v in sorted(reasons.items())))
 
 
 def _quiet_http_logs() -> None:

@@ -19,9 +19,14 @@ win rate (a tie, or a disagreement between orders, counts half), ``<name>_agreem
 (the share of the response's comparisons whose orders agreed) and ``<name>_error``.
 
 Malformed judge text is retried with another seed and then recorded as missing with the
-reason (``prefdata.judging``); the counts go to the run summary. Prompts and parsers
-live in ``prefdata/judging.py``. The judge is any ``LanguageModel``: a local model, or
-``backend: api`` with ``model_options: {base_url: ...}`` for a served one.
+reason (``prefdata.judging``); the counts go to the run summary. Each judgment is seeded
+per item: attempt k by ``draw_seed(seed, key, k)``, the key naming the item by
+``prompt_id`` and its ids (``response_id``; ``pair_id``; the two compared responses'
+``response_id``) and the order shown, or by its texts when those columns are missing. So a
+verdict does not depend on the shard, the batch size or the other rows, and a larger
+``--limit`` reuses the prompts already judged (``prefdata.prompt_store``). Prompts and
+parsers live in ``prefdata/judging.py``. The judge is any ``LanguageModel``: a local model,
+or ``backend: api`` with ``model_options: {base_url: ...}`` for a served one.
 
 ``structured`` chooses how the answer is constrained: ``json_schema`` asks for JSON that
 follows the judge's schema (a server's ``response_format``, vLLM's guided decoding) and
@@ -74,9 +79,7 @@ class JudgePairwiseConfig(JudgeConfig):
 
 class _Judge(MapStep):
     model = None
-    # The sampling seed comes from the shard's rows (_row_key), so a prompt's retried verdicts
-    # depend on its shard: no per-prompt reuse across --limit / shard_size (prefdata.prompt_store).
-    prompt_local = False
+    version = "2"  # 2: seeds per item (was: per shard), so judgments are prompt-local
 
     def check(self) -> None:
         from prefdata.models import check_backend
@@ -137,16 +140,16 @@ class _Judge(MapStep):
                              "or set structured: auto or off")
         return c.structured == "json_schema" or (c.structured == "auto" and can)
 
-    def _ask(self, conversations, parse, key, schema=None) -> list[judging.Judged]:
+    def _ask(self, conversations, parse, keys, schema=None) -> list[judging.Judged]:
+        """Judge each conversation; ``keys`` name the items (their per-item seeds)."""
         from prefdata.models.api_backend import StructuredOutputUnsupported
 
         c = self.config
-        seed = int(stable_hash([c.seed, key], length=8), 16) & 0x7FFFFFFF
         try:
             results = judging.judge_with_retries(
                 self.model, conversations, parse, max_attempts=c.max_attempts, temperature=c.temperature,
                 retry_temperature=c.retry_temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
-                seed=seed, json_schema=schema,
+                seed=c.seed, keys=keys, json_schema=schema,
             )
         except StructuredOutputUnsupported as exc:
             raise StructuredOutputUnsupported(f"step '{self.name}' (name: {c.name}): {exc}") from None
@@ -181,9 +184,9 @@ class JudgeRubric(_Judge):
             as_json = self.as_json()
             convs = [judging.rubric_conversation(p, r, self.config.system, as_json)
                      for p, r in zip(prompts, responses)]
-            key = _row_key(table, ["response_id"], ["prompt", "response"])
-            results = (self._ask(convs, judging.parse_rubric_json, key, judging.RUBRIC_SCHEMA) if as_json
-                       else self._ask(convs, judging.parse_rubric, key))
+            keys = _item_keys(table, ["prompt_id", "response_id"], ["prompt", "response"])
+            results = (self._ask(convs, judging.parse_rubric_json, keys, judging.RUBRIC_SCHEMA) if as_json
+                       else self._ask(convs, judging.parse_rubric, keys))
         ratings = {f: [r.value.ratings[f] if r.value else None for r in results] for f in judging.RUBRIC_FIELDS}
         rationale_type = pa.struct([(f, pa.string()) for f in judging.RUBRIC_FIELDS])
         columns = {f"score_{n}": pa.array(ratings["overall"], pa.float64())}
@@ -222,16 +225,18 @@ class JudgePairwise(_Judge):
             return self._pairs(table)
         return self._responses(table)
 
-    def _both_orders(self, prompts, first, second, key):
-        """Verdicts for (first as A, second as B) and the swap, as 'first'|'second'|'tie'|None."""
+    def _both_orders(self, prompts, first, second, keys):
+        """Verdicts for (first as A, second as B) and the swap, as 'first'|'second'|'tie'|None;
+        ``keys`` name the comparisons (each order gets its own seeds)."""
         sys = self.config.system
         results = []
         if prompts:
             js = self.as_json()
             convs = ([judging.pairwise_conversation(p, a, b, sys, js) for p, a, b in zip(prompts, first, second)]
                      + [judging.pairwise_conversation(p, b, a, sys, js) for p, a, b in zip(prompts, first, second)])
-            results = (self._ask(convs, judging.parse_pairwise_json, key, judging.PAIRWISE_SCHEMA) if js
-                       else self._ask(convs, judging.parse_pairwise, key))
+            ordered = [f"{k}:AB" for k in keys] + [f"{k}:BA" for k in keys]
+            results = (self._ask(convs, judging.parse_pairwise_json, ordered, judging.PAIRWISE_SCHEMA) if js
+                       else self._ask(convs, judging.parse_pairwise, ordered))
         half = len(prompts)
         ab = [_as_slot(r, {"A": "first", "B": "second"}) for r in results[:half]]
         ba = [_as_slot(r, {"A": "second", "B": "first"}) for r in results[half:]]
@@ -242,8 +247,8 @@ class JudgePairwise(_Judge):
         prompts = table.column("prompt").to_pylist()
         chosen = [_last(m) for m in table.column("chosen").to_pylist()]
         rejected = [_last(m) for m in table.column("rejected").to_pylist()]
-        key = _row_key(table, ["pair_id"], ["prompt", "chosen", "rejected"])
-        r1, r2, ab, ba = self._both_orders(prompts, chosen, rejected, key)
+        keys = _item_keys(table, ["prompt_id", "pair_id"], ["prompt", "chosen", "rejected"])
+        r1, r2, ab, ba = self._both_orders(prompts, chosen, rejected, keys)
         names = {"first": "chosen", "second": "rejected", "tie": "tie", None: None}
         verdict, agreement, errors = [], [], []
         for x, y, a, b in zip(r1, r2, ab, ba):
@@ -281,9 +286,10 @@ class JudgePairwise(_Judge):
         for i, pid in enumerate(pids):
             rows.setdefault(pid, []).append(i)
         pairs = [(g[x], g[y]) for g in rows.values() for x in range(len(g)) for y in range(x + 1, len(g))]
-        key = _row_key(table, ["response_id"], ["prompt", "response"])
+        rows_key = _item_keys(table, ["prompt_id", "response_id"], ["prompt_id", "prompt", "response"])
+        keys = [stable_hash([rows_key[i], rows_key[j]]) for i, j in pairs]
         r1, r2, ab, ba = self._both_orders([prompts[i] for i, _ in pairs], [texts[i] for i, _ in pairs],
-                                           [texts[j] for _, j in pairs], key)
+                                           [texts[j] for _, j in pairs], keys)
         wins = np.zeros(table.num_rows)
         games = np.zeros(table.num_rows)
         agree = np.zeros(table.num_rows)
@@ -329,10 +335,12 @@ def _counts(name: str, results: list[judging.Judged]) -> dict[str, int]:
     return dict(counts)
 
 
-def _row_key(table: pa.Table, preferred: list[str], fallback: list[str]) -> Any:
-    """What the shard holds, for a seed that a recomputed shard reproduces."""
-    cols = preferred if all(c in table.column_names for c in preferred) else fallback
-    return [table.column(c).to_pylist() for c in cols]
+def _item_keys(table: pa.Table, ids: list[str], content: list[str]) -> list[str]:
+    """One key per row naming the item judged: its id columns when the table has them all,
+    else its texts. Seeds come from these keys, never from a row's position."""
+    cols = ids if all(c in table.column_names for c in ids) else content
+    values = zip(*(table.column(c).to_pylist() for c in cols))
+    return [stable_hash(list(v)) for v in values]
 
 
 def _last(messages) -> str:

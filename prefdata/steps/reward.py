@@ -13,9 +13,15 @@ Models through Uncertainty-Enhanced Preference Optimization", which estimates it
 dropout; cited from memory — the issue named it as Zhou et al. 2023 "Uncertainty-Penalized
 …", which we believe is instead Zhai et al. 2023, "Uncertainty-Penalized Reinforcement
 Learning from Human Feedback with Diverse Reward LoRA Ensembles", an ensemble method).
-MC dropout itself: Gal & Ghahramani 2016, "Dropout as a Bayesian Approximation". The
-passes are seeded from ``seed`` and the shard's responses, so a recomputed shard is
-identical.
+MC dropout itself: Gal & Ghahramani 2016, "Dropout as a Bayesian Approximation".
+
+The dropout masks are drawn per row: a row's K passes run as one batch of K copies of that
+row under its own seed, from (``seed``, the score name, ``prompt_id``, ``response_id``) —
+the row's texts when those columns are missing. So a row's mean and std do not depend on
+its shard, ``batch_size`` or the other rows, and a larger ``--limit`` reuses the prompts
+already scored (``prefdata.prompt_store``). The price: MC-dropout forwards are batched
+over one row's passes (K rows per forward), not across rows; the deterministic path
+(no ``mc_dropout``) batches by length as before.
 """
 
 from __future__ import annotations
@@ -51,13 +57,10 @@ class ScoreRM(MapStep):
     """Writes ``score_<name>`` (and ``score_<name>_std`` with MC dropout) per reward model."""
 
     name = "score_rm"
-
-    @property
-    def prompt_local(self) -> bool:
-        """MC-dropout masks are seeded from the shard's responses: no per-prompt reuse then."""
-        return not self.config.mc_dropout
+    version = "2"  # 2: MC-dropout masks seeded per row (were: per shard)
     Config = ScoreRMConfig
     loaded: list | None = None  # the loaded reward models (``models()`` names them)
+    passes: list | None = None  # the same models batching K copies of a row (MC dropout)
 
     def check(self) -> None:
         c = self.config
@@ -117,14 +120,17 @@ class ScoreRM(MapStep):
                               max_length=c.max_length, trust_remote_code=c.trust_remote_code)
             for m in self.models_and_names()[0]
         ]
-        if c.mc_dropout:
+        if c.mc_dropout:  # light copies sharing the weights, one row's K passes per forward
+            self.passes = [load_reward_model(m, device=c.device, dtype=c.dtype, batch_size=c.mc_dropout,
+                                             max_length=c.max_length, trust_remote_code=c.trust_remote_code)
+                           for m in self.models_and_names()[0]]
             for rm in self.loaded:
                 if rm.dropout_rate(c.dropout) == 0:
                     log.warning("score_rm: reward model '%s' has no dropout, so MC-dropout std is 0; "
                                 "set 'dropout' (e.g. 0.1) to make the passes differ", rm.name)
 
     def teardown(self) -> None:
-        self.loaded = None
+        self.loaded = self.passes = None
 
     def process(self, table: pa.Table) -> pa.Table:
         c = self.config
@@ -133,20 +139,42 @@ class ScoreRM(MapStep):
             self.setup()
         prompts = table.column("prompt").to_pylist()
         responses = table.column("response").to_pylist()
-        key = (table.column("response_id").to_pylist() if "response_id" in table.column_names
-               else responses)
         names = self.models_and_names()[1]
-        for rm, name in zip(self.loaded or [None] * len(names), names):
+        for k, name in enumerate(names):
             if not table.num_rows:
                 mean, std = np.zeros(0), np.zeros(0)
             elif c.mc_dropout:
-                seed = int(stable_hash([c.seed, rm.name, key], length=8), 16) & 0x7FFFFFFF
-                runs = rm.score(prompts, responses, label=c.label, passes=c.mc_dropout,
-                                seed=seed, dropout=c.dropout)
+                runs = self._mc_passes(self.passes[k], name, table, prompts, responses)
                 mean, std = runs.mean(0), runs.std(0)
             else:
-                mean, std = rm.score(prompts, responses, label=c.label), None
+                mean, std = self.loaded[k].score(prompts, responses, label=c.label), None
             table = table.append_column(f"score_{name}", pa.array(mean, pa.float64()))
             if c.mc_dropout:
                 table = table.append_column(f"score_{name}_std", pa.array(std, pa.float64()))
         return table
+
+    def _mc_passes(self, rm, name: str, table: pa.Table, prompts: list, responses: list) -> np.ndarray:
+        """``[K, n]`` stochastic scores: each row's K passes are one forward of K copies of
+        the row, its dropout masks drawn from the row's own seed."""
+        c = self.config
+        k = c.mc_dropout
+        from tqdm.auto import tqdm
+
+        from prefdata.models import progress_disabled
+
+        runs = np.zeros((k, len(prompts)))
+        rows = zip(_row_seeds(table, c.seed, name), prompts, responses)
+        bar = tqdm(rows, total=len(prompts), desc=f"mc dropout {name}", leave=False,
+                   disable=len(prompts) < 2 or progress_disabled())
+        for i, (seed, prompt, response) in enumerate(bar):
+            runs[:, i] = rm.score([prompt] * k, [response] * k, label=c.label, passes=1, seed=seed,
+                                  dropout=c.dropout)[0]
+        return runs
+
+
+def _row_seeds(table: pa.Table, seed: int, name: str) -> list[int]:
+    """One seed per row from (seed, score name, prompt_id, response_id), or the row's texts."""
+    ids = ["prompt_id", "response_id"]
+    cols = ids if all(c in table.column_names for c in ids) else ["prompt", "response"]
+    values = zip(*(table.column(c).to_pylist() for c in cols))
+    return [int(stable_hash([seed, name, *v], length=8), 16) & 0x7FFFFFFF for v in values]

@@ -5,14 +5,20 @@ gets the same responses whatever shard, ``--limit``, batch size, executor or oth
 prompts it is sampled with, and a larger run can reuse a smaller one's prompts. Appended
 samples (``append: true``) continue a prompt's ``sample_index`` and so its streams.
 ``finish_reason`` says whether a reply ended (``stop``: eos or a ``stop`` string) or was
-cut at ``max_new_tokens`` (``length``).
+cut at ``max_new_tokens`` (``length``). Every backend takes ``stop`` and
+``min_new_tokens``; over ``backend: api`` they go out as the API's ``stop`` and vLLM's
+``min_tokens`` request field (a server without it is refused with a clear error, see
+``prefdata/models/api_backend.py``), and ``model_options`` reach the backend
+(``base_url``, ``api_key_env``, ``concurrency`` …). The ``sampling`` struct records every
+setting that shapes a reply: temperature, top_p, max_new_tokens, seed, stop and
+min_new_tokens.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -44,13 +50,16 @@ class SampleConfig:
     append: bool = False
     min_new_tokens: int = 0  # eos is suppressed before this many tokens
     stop: list[str] = field(default_factory=list)  # a reply is cut before the first of these
+    model_options: dict[str, Any] | None = None  # backend keywords, e.g. {base_url: ...} for api
 
 
 class Sample(MapStep):
     """Generate ``n`` replies per prompt with one language model."""
 
     name: ClassVar[str] = "sample"
-    version: ClassVar[str] = "2"  # 2: seeds per (seed, prompt_id, sample_index); finish_reason
+    # 2: seeds per (seed, prompt_id, sample_index); finish_reason. 3: sampling records stop and
+    # min_new_tokens; api replies have a finish_reason and per-draw seeds
+    version: ClassVar[str] = "3"
     Config: ClassVar[type] = SampleConfig
     model: LanguageModel | None = None
 
@@ -60,8 +69,6 @@ class Sample(MapStep):
         problems += [
             f"n must be at least 1, got {c.n}" if c.n < 1 else None,
             f"batch_size must be at least 1, got {c.batch_size}" if c.batch_size < 1 else None,
-            "stop and min_new_tokens need backend 'transformers' or 'vllm' (the api backend "
-            "does not pass them on)" if c.backend == "api" and (c.stop or c.min_new_tokens) else None,
         ]
         problems = [p for p in problems if p]
         if problems:
@@ -72,7 +79,9 @@ class Sample(MapStep):
         from prefdata.models.identity import ModelRef
 
         c = self.config
-        return [ModelRef(c.model, backend=c.backend, device=c.device, dtype=c.dtype)]
+        base_url = (c.model_options or {}).get("base_url") if c.backend == "api" else None
+        return [ModelRef(c.model, kind="api" if c.backend == "api" else "lm", backend=c.backend,
+                         device=c.device, dtype=c.dtype, base_url=base_url)]
 
     def input_columns(self) -> list[str]:
         return ["prompt_id", "prompt"]
@@ -92,9 +101,8 @@ class Sample(MapStep):
 
     def setup(self) -> None:
         c = self.config
-        self.model = load_model(
-            c.model, backend=c.backend, device=c.device, dtype=c.dtype, batch_size=c.batch_size
-        )
+        self.model = load_model(c.model, backend=c.backend, device=c.device, dtype=c.dtype,
+                                batch_size=c.batch_size, **(c.model_options or {}))
 
     def teardown(self) -> None:
         self.model = None
@@ -140,11 +148,8 @@ class Sample(MapStep):
                             seed=c.seed, min_new_tokens=c.min_new_tokens, stop=tuple(c.stop))
         prompts = table.column("prompt").to_pylist()
         keys = table.column("prompt_id").to_pylist()
-        if hasattr(self.model, "generate_replies"):
-            return self.model.generate_replies(prompts, c.n, sampling, keys=keys,
-                                               first_index=[int(i) for i in first_index])
-        # The api backend seeds its own requests and reports no finish reason.
-        return [[Generation(t, None) for t in row] for row in self.model.generate(prompts, c.n, sampling)]
+        return self.model.generate_replies(prompts, c.n, sampling, keys=keys,
+                                           first_index=[int(i) for i in first_index])
 
     def _append(self, responses: pa.Table) -> pa.Table:
         """Sample for each prompt of a response table and add the rows after the prompt's
@@ -166,11 +171,20 @@ class Sample(MapStep):
 
 
 def _sampling_column(c: SampleConfig, rows: int) -> pa.StructArray:
+    """The settings every row was sampled with (one struct per row, all equal)."""
     values = {
         "temperature": float(c.temperature), "top_p": float(c.top_p),
         "max_new_tokens": int(c.max_new_tokens), "seed": int(c.seed),
+        "min_new_tokens": int(c.min_new_tokens),
     }
-    arrays = [pa.array(np.full(rows, values[f.name]), f.type) for f in schema.SAMPLING]
+    stop = [str(s) for s in c.stop]
+    arrays = []
+    for f in schema.SAMPLING:
+        if f.name == "stop":
+            offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * len(stop), pa.int32())
+            arrays.append(pa.ListArray.from_arrays(offsets, pa.array(stop * rows, pa.string()), type=f.type))
+        else:
+            arrays.append(pa.array(np.full(rows, values[f.name]), f.type))
     return pa.StructArray.from_arrays(arrays, fields=list(schema.SAMPLING))
 
 

@@ -120,10 +120,11 @@ class FixedJudge:
     name = "stub"
 
     def __init__(self, answer):
-        self.answer, self.calls = answer, []
+        self.answer, self.calls, self.draws = answer, [], []
 
-    def generate(self, conversations, n, sampling):
+    def generate(self, conversations, n, sampling, keys=None, first_index=None):
         self.calls.append((len(conversations), sampling))
+        self.draws.append((list(keys), first_index))
         return [[self.answer(c[-1]["content"], sampling)] * n for c in conversations]
 
 
@@ -232,7 +233,10 @@ def test_rubric_retries_malformed_text_with_another_seed():
     assert rows[0]["score_uf_instruction_following"] == 3.0 and rows[0]["uf_attempts"] == 2
     assert rows[0]["uf_rationales"]["honesty"] == "Confident and right." and rows[0]["uf_error"] is None
     (n1, s1), (n2, s2) = stub.calls
-    assert (n1, n2) == (2, 2) and s1.temperature == 0 and s2.temperature == 0.6 and s2.seed == s1.seed + 1
+    assert (n1, n2) == (2, 2) and s1.temperature == 0 and s2.temperature == 0.6
+    # attempt k of an item is its draw k: the same item keys, first_index = the attempt
+    (keys1, at1), (keys2, at2) = stub.draws
+    assert (at1, at2) == (0, 1) and keys1 == keys2 and len(set(keys1)) == 2 and s1.seed == s2.seed == 0
     assert out.counts["uf_retries"] == 2 and out.counts["uf_missing"] == 0
 
 
@@ -319,7 +323,7 @@ class SchemaJudge(FixedJudge):
 
     supports_json_schema = True
 
-    def generate(self, conversations, n, sampling, json_schema=None):
+    def generate(self, conversations, n, sampling, keys=None, first_index=None, json_schema=None):
         self.calls.append((len(conversations), sampling, json_schema))
         return [[self.answer(c[-1]["content"], sampling)] * n for c in conversations]
 

@@ -42,7 +42,8 @@ def test_sample_expands_prompts_into_response_rows():
     assert len({r["response_id"] for r in rows}) == len(rows)
     assert all(r["generator"] == "smollm2-135m-instruct" for r in rows)
     assert all(isinstance(r["response"], str) and r["response"] for r in rows)
-    assert rows[0]["sampling"] == {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 8, "seed": 0}
+    assert rows[0]["sampling"] == {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 8, "seed": 0,
+                                   "stop": [], "min_new_tokens": 0}
     assert step.output_columns(_prompt_table().column_names) == out.column_names
     # eight tokens cannot answer "why is the sky blue": cut at max_new_tokens
     assert set(out["finish_reason"].to_pylist()) <= {"stop", "length"}
@@ -73,8 +74,7 @@ def test_empty_shard_and_bad_config():
         Sample(stop=["\n", ""])
     with pytest.raises(ValueError, match=r"min_new_tokens \(9\) must not exceed max_new_tokens \(8\)"):
         Sample(min_new_tokens=9, max_new_tokens=8)
-    with pytest.raises(ValueError, match="need backend 'transformers' or 'vllm'"):
-        Sample(backend="api", stop=["\n"])
+    Sample(backend="api", stop=["\n"], min_new_tokens=1)  # the api backend passes them on (tests/models)
 
 
 def test_a_prompt_gets_the_same_responses_whatever_its_shard_and_batch():
@@ -91,8 +91,10 @@ def test_stop_strings_and_min_new_tokens_reach_the_model():
     cut = _step(n=2, max_new_tokens=24, temperature=0.0, stop=[stop]).process(_prompt_table(PROMPTS[1:]))
     assert cut["response"].to_pylist() == [text[:text.index(stop)]] * 2
     assert cut["finish_reason"].to_pylist() == ["stop"] * 2
+    assert cut["sampling"][0].as_py()["stop"] == [stop] and free["sampling"][0].as_py()["stop"] == []
     held = _step(n=1, max_new_tokens=6, min_new_tokens=6, temperature=0.0).process(_prompt_table(PROMPTS[:1]))
     assert held["finish_reason"].to_pylist() == ["length"]
+    assert held["sampling"][0].as_py()["min_new_tokens"] == 6
 
 
 def test_append_adds_a_second_temperature_after_each_prompts_samples():
