@@ -208,8 +208,9 @@ def write_plots(folder: Path, frame: pl.LazyFrame, columns: list[str], summary: 
     return [save(fig, folder / f"{name}.png") for name, fig in figures.items()]
 
 
-ROUND_METRICS = ("win_rate_vs_previous", "win_rate_vs_round0", "mean_response_chars", "eval_chosen_logp_change",
-                 "eval_rejected_logp_change", "eval_margin", "eval_reward_accuracy")
+ROUND_METRICS = ("win_rate_vs_previous", "win_rate_vs_round0", "judge_win_rate_vs_previous", "judge_win_rate_vs_round0",
+                 "mean_response_chars", "eval_chosen_logp_change", "eval_rejected_logp_change", "eval_margin",
+                 "eval_reward_accuracy")
 
 
 def rounds_figures(rows: list[dict]) -> dict:
@@ -221,7 +222,7 @@ def rounds_figures(rows: list[dict]) -> dict:
             continue
         fig, ax = _figure(4.5, 3.0)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
-        if metric.startswith("win_rate"):
+        if "win_rate" in metric:
             ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
             ax.set_ylim(0, 1)
         ax.set_xticks([p[0] for p in points])

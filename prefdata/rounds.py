@@ -9,6 +9,7 @@ rounds:
   reference: previous         # the trainer's reference: previous (round k−1's policy) | initial
   early_stopping: {metric: win_rate_vs_previous, patience: 1, mode: max}   # optional
 eval_prompts: pipelines/data/heldout.jsonl   # or load_prompts options {path: ..., limit: 8}
+#   eval_prompts: {path: ..., judge: {model: ..., backend: api, ...}}   # a pairwise judge (optional)
 ```
 
 Round k is the recipe expanded into a plain pipeline: every option whose value is
@@ -23,8 +24,12 @@ on; an overlap is an error before any work) with the previous policy and with ro
 responses from the recipe's ``sample`` options, scored by the recipe's first scorer (any
 ``policy`` in the scorer's options means round 0's model, so every round is judged by the
 same scorer). Win rate = share of (prompt, sample index) where the new response scores
-higher (ties ½). The report also holds mean response length and the trainer's
-chosen/rejected log-prob change; it goes to ``<workdir>/rounds.jsonl`` and a table.
+higher (ties ½). With a pairwise judge (``eval_prompts: {judge: {...}}``, else the recipe's
+``judge_pairwise`` step) the two responses of each (prompt, sample index) are also judged
+in both orders (A/B, then B/A): a win counts 1, a tie or orders that disagree ½
+(``judge_win_rate_vs_*``, with the share of comparisons whose orders agreed). The report
+also holds mean response length and the trainer's chosen/rejected log-prob change; it goes
+to ``<workdir>/rounds.jsonl`` and a table.
 Iterative DPO as in Xiong et al., "Iterative Preference Learning from Human Feedback:
 Bridging Theory and Practice for RLHF under KL-Constraint", ICML 2024 (RLHFlow).
 """
@@ -43,13 +48,14 @@ from typing import ClassVar, Literal
 import polars as pl
 import pyarrow as pa
 
-from prefdata.step import GlobalStep, build_config
+from prefdata.step import GlobalStep, Source, build_config
 
 log = logging.getLogger(__name__)
 
 PLACEHOLDER = "policy"
-METRICS = ("win_rate_vs_previous", "win_rate_vs_round0", "mean_response_chars", "eval_chosen_logp_change",
-           "eval_rejected_logp_change", "eval_margin", "eval_reward_accuracy")
+METRICS = ("win_rate_vs_previous", "win_rate_vs_round0", "judge_win_rate_vs_previous", "judge_win_rate_vs_round0",
+           "mean_response_chars", "eval_chosen_logp_change", "eval_rejected_logp_change", "eval_margin",
+           "eval_reward_accuracy")
 
 
 class RoundsError(ValueError):
@@ -85,6 +91,37 @@ class RoundPrompts(GlobalStep):
     def process(self, frame: pl.LazyFrame) -> pa.Table:
         c = self.config
         return frame.slice(c.start, c.count).collect().to_arrow()
+
+
+@dataclass
+class EvalComparisonsConfig:
+    path: str = ""
+
+
+class EvalComparisons(Source):
+    """Two policies' held-out responses side by side, for a pairwise judge (``on:
+    responses``): each (prompt, sample index) is one group (``prompt_id``) of two rows, the
+    new policy's (``side: new``) and the other's. The file is named by its content."""
+
+    name: ClassVar[str] = "eval_comparisons"
+    version: ClassVar[str] = "1"
+    Config: ClassVar[type] = EvalComparisonsConfig
+
+    def fingerprint_extra(self) -> dict:
+        from prefdata.readers import file_sha256
+
+        return {"sha256": file_sha256(Path(self.config.path))}
+
+    def output_columns(self, columns: list[str]) -> list[str]:
+        return list(COMPARISON_COLUMNS)
+
+    def read(self) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.config.path)
+
+
+COMPARISON_COLUMNS = ("prompt_id", "eval_prompt_id", "sample_index", "side", "prompt", "response", "response_id")
 
 
 # -- configuration and checks (before any work) ---------------------------------------------
@@ -217,6 +254,17 @@ class RoundsRun:
         if "eval_prompts" in self.data:
             from prefdata.steps.load_prompts import LoadPrompts
 
+            if self.scorer_spec() is None and self.judge_spec() is None:
+                raise RoundsError(f"{self.where}: eval_prompts: nothing compares the policies: add a scorer "
+                                  "(score_* or judge_rubric step) after the sample step, a judge_pairwise step, "
+                                  "or eval_prompts: {judge: {...judge_pairwise options}}")
+            if self.judge_spec() is not None:
+                from prefdata.steps.judge import JudgePairwise
+
+                try:
+                    JudgePairwise(**self.judge_spec())
+                except (TypeError, ValueError, ImportError) as exc:
+                    raise RoundsError(f"{self.where}: eval_prompts: judge: {exc}") from None
             held_out = read_prompt_ids(LoadPrompts(**self.eval_options()))
             overlap = used & set(held_out)
             if overlap:
@@ -225,8 +273,9 @@ class RoundsRun:
                                   "from one of the files")
 
     def eval_options(self) -> dict:
+        """The load_prompts options of the held-out prompts (without ``judge``)."""
         spec = self.data["eval_prompts"]
-        return {"path": spec} if isinstance(spec, str) else dict(spec)
+        return {"path": spec} if isinstance(spec, str) else {k: v for k, v in spec.items() if k != "judge"}
 
     def round_recipe(self, k: int, policy: str) -> dict:
         return round_data(self.data, self.cfg, k, policy)
@@ -301,12 +350,18 @@ class RoundsRun:
         first = self.cfg.policy
         tables = {name: self.eval_responses(model) for name, model in
                   (("new", new), ("previous", previous), ("round0", first))}
-        score = self.score_column
-        out = {"win_rate_vs_previous": win_rate(tables["new"], tables["previous"], score),
-               "win_rate_vs_round0": win_rate(tables["new"], tables["round0"], score),
-               "mean_response_chars": mean_chars(tables["new"]),
-               "mean_response_chars_previous": mean_chars(tables["previous"]),
-               "eval_score": score}
+        out = {"mean_response_chars": mean_chars(tables["new"]),
+               "mean_response_chars_previous": mean_chars(tables["previous"])}
+        if self.scorer_spec() is not None:
+            score = self.score_column
+            out.update({"win_rate_vs_previous": win_rate(tables["new"], tables["previous"], score),
+                        "win_rate_vs_round0": win_rate(tables["new"], tables["round0"], score),
+                        "eval_score": score})
+        if self.judge_spec() is not None:
+            for name in ("previous", "round0"):
+                judged = self.judge_win_rate(tables["new"], tables[name])
+                out.update({f"judge_{k}_vs_{name}": v for k, v in judged.items()})
+            out["eval_judge"] = self.judge_spec()["model"]
         return out
 
     def eval_responses(self, model: str) -> pl.DataFrame:
@@ -315,19 +370,55 @@ class RoundsRun:
         sample = {**substitute(steps[self.sample_index], model)}
         scorer = self.scorer_spec()
         data = {key: v for key, v in self.data.items() if key not in ("rounds", "eval_prompts", "output")}
-        data["steps"] = [{"step": "load_prompts", **self.eval_options()}, sample,
-                         substitute(scorer, self.cfg.policy)]
+        data["steps"] = [{"step": "load_prompts", **self.eval_options()}, sample]
+        if scorer is not None:
+            data["steps"].append(substitute(scorer, self.cfg.policy))
         pipeline = self.pipeline(data)
-        self.score_column = score_column(pipeline)
+        if scorer is not None:
+            self.score_column = score_column(pipeline)
         return pl.from_arrow(pipeline.run())
 
-    def scorer_spec(self) -> dict:
-        """The first step after sample that writes a score_<name> column (a scorer or judge)."""
+    def scorer_spec(self) -> dict | None:
+        """The first step after sample that writes a comparable score_<name> per response (a
+        scorer or the rubric judge; not judge_pairwise, whose scores are relative)."""
         for spec in self.data["steps"][self.sample_index + 1:]:
-            if spec["step"].startswith(("score_", "judge_")):
+            if spec["step"].startswith(("score_", "judge_")) and spec["step"] != "judge_pairwise":
                 return spec
-        raise RoundsError(f"{self.where}: eval_prompts: no scorer (score_* or judge_* step) after the sample "
-                          "step to compare policies with")
+        return None
+
+    def judge_spec(self) -> dict | None:
+        """The pairwise judge's options: ``eval_prompts: {judge: ...}``, else the recipe's
+        judge_pairwise step; a ``policy`` in them is round 0's model, as for the scorer."""
+        spec = self.data.get("eval_prompts")
+        judge = spec.get("judge") if isinstance(spec, dict) else None
+        if judge is None:
+            judge = next((s for s in self.data["steps"] if s["step"] == "judge_pairwise"), None)
+        if judge is None:
+            return None
+        if not isinstance(judge, dict):
+            raise RoundsError(f"{self.where}: eval_prompts: judge: must be a mapping of judge_pairwise options, "
+                              f"e.g. {{model: smollm2-135m-instruct}}; got {judge!r}")
+        options = {k: v for k, v in substitute(judge, self.cfg.policy).items() if k != "step"}
+        return {"model": "smollm2-135m-instruct", **options, "on": "responses"}
+
+    def judge_win_rate(self, new: pl.DataFrame, old: pl.DataFrame) -> dict:
+        """The pairwise judge on each (prompt, sample index): the new policy's response vs the
+        other's, asked in both orders; cached in the workdir like any step."""
+        from prefdata.io import write_parquet
+        from prefdata.schema import stable_hash
+
+        table = comparisons(new, old)
+        path = self.workdir / "rounds_eval" / f"comparisons-{stable_hash(table.to_pylist())}.parquet"
+        if not path.exists():
+            write_parquet(table, path)
+        data = {key: v for key, v in self.data.items() if key not in ("rounds", "eval_prompts", "output")}
+        data["steps"] = [{"step": "load_prompts", **self.eval_options()}, {"step": "judge_pairwise",
+                                                                           **self.judge_spec()}]
+        pipeline = self.pipeline(data)
+        pipeline.steps[0] = EvalComparisons(path=str(path))
+        name = pipeline.steps[1].config.name
+        judged = pl.from_arrow(pipeline.run()).filter(pl.col("side") == "new")
+        return judge_rates(judged, name)
 
 
 def score_column(pipeline) -> str:
@@ -336,6 +427,34 @@ def score_column(pipeline) -> str:
     if not found:
         raise RoundsError("eval_prompts: the scorer writes no score_<name> column")
     return found[0]
+
+
+def comparisons(new: pl.DataFrame, old: pl.DataFrame) -> pa.Table:
+    """Rows for ``EvalComparisons``: per (prompt, sample index) the new response, then the old."""
+    from prefdata.schema import stable_hash
+
+    keys = ["prompt_id", "sample_index"]
+    cols = [*keys, "prompt", "response", "response_id"]
+    both = new.select(cols).join(old.select(*keys, pl.col("response").alias("old_response"),
+                                            pl.col("response_id").alias("old_response_id")), on=keys)
+    both = both.sort(keys)
+    group = [stable_hash([p, i]) for p, i in zip(both["prompt_id"].to_list(), both["sample_index"].to_list())]
+    side = lambda name, response, rid: both.select(  # noqa: E731
+        pl.Series("prompt_id", group), pl.col("prompt_id").alias("eval_prompt_id"), "sample_index",
+        pl.lit(name).alias("side"), "prompt", pl.col(response).alias("response"),
+        pl.col(rid).alias("response_id")).with_row_index("row")
+    rows = pl.concat([side("new", "response", "response_id"), side("old", "old_response", "old_response_id")])
+    return rows.sort("row", "side", descending=[False, False]).drop("row").select(COMPARISON_COLUMNS).to_arrow()
+
+
+def judge_rates(judged: pl.DataFrame, name: str) -> dict:
+    """The new responses' rows after the judge: win rate (score_<name>: 1, ½ or 0 for one
+    comparison in two orders), the share whose orders agreed, and the comparisons missing."""
+    score, agree = pl.col(f"score_{name}"), pl.col(f"{name}_agreement")
+    done = judged.filter(score.is_not_null() & score.is_not_nan())
+    return {"win_rate": float(done[f"score_{name}"].mean()) if done.height else None,
+            "agreement": float(done[f"{name}_agreement"].mean()) if done.height else None,
+            "missing": judged.height - done.height}
 
 
 def read_prompt_ids(source) -> list[str]:
@@ -369,7 +488,11 @@ def write_report(rows: list[dict], path: Path) -> None:
 
 def format_report(rows: list[dict]) -> str:
     cols = [("round", "round", "{}"), ("win_rate_vs_previous", "win vs prev", "{:.3f}"),
-            ("win_rate_vs_round0", "win vs r0", "{:.3f}"), ("mean_response_chars", "resp chars", "{:.1f}"),
+            ("win_rate_vs_round0", "win vs r0", "{:.3f}")]
+    if any("judge_win_rate_vs_previous" in r for r in rows):
+        cols += [("judge_win_rate_vs_previous", "judge vs prev", "{:.3f}"),
+                 ("judge_win_rate_vs_round0", "judge vs r0", "{:.3f}")]
+    cols += [("mean_response_chars", "resp chars", "{:.1f}"),
             ("eval_chosen_logp_change", "Δ chosen logp", "{:+.3f}"),
             ("eval_rejected_logp_change", "Δ rejected logp", "{:+.3f}"), ("train_steps", "train steps", "{}")]
     head = "".join(f"{title:>16}" for _, title, _ in cols)

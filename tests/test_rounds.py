@@ -296,3 +296,116 @@ def test_rounds_early_stopping_resolves_policy_to_the_best_round_and_stops(tmp_p
     assert final == rows[0]["policy_out"]  # round 1 did worse: 'policy' is round 0's model
     rows, _, final = runs[went_on[0]]
     assert rows[2]["policy_in"] == rows[1]["policy_out"]
+
+
+# -- pairwise-judge win rates in the report -----------------------------------------------------
+class JudgeServer:
+    """A real chat-completions server on 127.0.0.1 that judges pairs in the text format:
+    model ``longer`` prefers the longer response ([[C]] when equally long) — a fair judge,
+    both orders agree —, model ``first`` always answers [[A]] (pure position bias)."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.asked: list[tuple[str, str, str]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                user = body["messages"][-1]["content"]
+                a = user.split("[Response A]\n", 1)[1].split("\n\n[Response B]\n", 1)[0]
+                b = user.split("\n\n[Response B]\n", 1)[1].rsplit("\n\nFirst explain", 1)[0]
+                server.asked.append((body["model"], a, b))
+                if body["model"] == "first":
+                    verdict = "A"
+                else:
+                    verdict = "A" if len(a) > len(b) else "B" if len(b) > len(a) else "C"
+                data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                   "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                       "role": "assistant", "content": f"Compared lengths. [[{verdict}]]"}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+
+def by_length(new, old) -> float:
+    """What the fair judge's win rate must be: longer wins, equal length ½."""
+    import polars as pl
+
+    keys = ["prompt_id", "sample_index"]
+    both = new.select(*keys, pl.col("response").str.len_chars().alias("a")).join(
+        old.select(*keys, pl.col("response").str.len_chars().alias("b")), on=keys)
+    return float(both.select(((pl.col("a") > pl.col("b")) + 0.5 * (pl.col("a") == pl.col("b"))).mean()).item())
+
+
+@pytest.mark.slow
+def test_rounds_report_pairwise_judge_win_rates_in_both_orders(tmp_path, tiny_llama, monkeypatch):
+    pytest.importorskip("openai", reason="the api backend needs openai (pip install 'prefdata[api]')")
+    from prefdata.models import clear_cache
+    from prefdata.rounds import format_report
+
+    server = JudgeServer()
+    monkeypatch.setenv("PREFDATA_TEST_JUDGE_KEY", "sk-local")
+    judge = {"model": "longer", "backend": "api", "structured": "off", "max_new_tokens": 16,
+             "model_options": {"base_url": server.url, "api_key_env": "PREFDATA_TEST_JUDGE_KEY", "max_retries": 0}}
+    path = tiny_recipe(tmp_path, "iterative_dpo", tiny_llama)
+    data = yaml.safe_load(path.read_text())
+    data.update(workdir=str(tmp_path / "work"), output=str(tmp_path / "out/data.parquet"))
+    data["eval_prompts"] = {**EVAL, "judge": judge}
+    try:
+        run = RoundsRun(str(path), data, in_process=True, progress=False)
+        rows = run.run()
+        asked = len(server.asked)
+        for r in rows:
+            new, prev, first = (run.eval_responses(m) for m in (r["policy_out"], r["policy_in"], tiny_llama))
+            assert r["judge_win_rate_vs_previous"] == pytest.approx(by_length(new, prev))
+            assert r["judge_win_rate_vs_round0"] == pytest.approx(by_length(new, first))
+            assert r["judge_agreement_vs_previous"] == 1.0 and r["judge_missing_vs_previous"] == 0
+            assert r["eval_judge"] == "longer" and "win_rate_vs_previous" in r  # the scorer's rates stay
+        # every comparison was asked in both orders: (x, y) and (y, x)
+        pairs = [(a, b) for _, a, b in server.asked]
+        assert sorted(pairs) == sorted((b, a) for a, b in pairs)
+        # comparison sets: round 0's (previous = round 0: one set, judged once) + round 1's two;
+        # each 2 prompts x 2 samples, asked in 2 orders
+        assert asked == 3 * 2 * 2 * 2
+        assert "judge vs prev" in format_report(rows)
+        assert (tmp_path / "work" / "rounds_judge_win_rate_vs_round0.png").stat().st_size > 1000
+        # cached like any step: a rerun asks nothing
+        assert [r["judge_win_rate_vs_round0"] for r in run.run()] == [r["judge_win_rate_vs_round0"] for r in rows]
+        assert len(server.asked) == asked
+        # a judge that always says A: every comparison's orders disagree -> a tie, win rate exactly 1/2
+        data["eval_prompts"]["judge"] = {**judge, "model": "first"}
+        biased = RoundsRun(str(path), data, in_process=True, progress=False)
+        tables = [run.eval_responses(rows[1][k]) for k in ("policy_out", "policy_in")]
+        assert biased.judge_win_rate(*tables) == {"win_rate": 0.5, "agreement": 0.0, "missing": 0}
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()
+        clear_cache()
+
+
+def test_a_bad_eval_judge_fails_before_work(tmp_path, tiny_llama):
+    data = yaml.safe_load(tiny_recipe(tmp_path, "iterative_dpo", tiny_llama).read_text())
+    data["workdir"] = str(tmp_path / "work")
+    data["eval_prompts"]["judge"] = {"model": tiny_llama, "max_attempts": 0}
+    with pytest.raises(RoundsError, match=r"eval_prompts: judge: .*max_attempts must be at least 1"):
+        RoundsRun("r.yaml", data).check()
+    data["eval_prompts"]["judge"] = "gpt-4o"
+    with pytest.raises(RoundsError, match=r"eval_prompts: judge: must be a mapping of judge_pairwise options"):
+        RoundsRun("r.yaml", data).check()
+    assert not (tmp_path / "work").exists()
