@@ -372,6 +372,66 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# -- per-item seeds with a real (tiny) model: batch size, order, shard size, --limit --------------
+def _rubric_items(n=5):
+    return [judging.rubric_conversation([{"role": "user", "content": f"Question {k}?"}], f"Answer {k}.")
+            for k in range(n)]
+
+
+def test_judge_texts_are_seeded_per_item_whatever_the_batch_and_the_other_items(tiny_llama, one_thread):
+    from prefdata.models import load_model
+
+    convs, keys = _rubric_items(), [f"item-{k}" for k in range(5)]
+    ask = dict(max_attempts=2, max_new_tokens=6, seed=1)
+
+    def texts(batch_size, order, seed=1):
+        lm = load_model(tiny_llama, backend="transformers", device="cpu", dtype="float32", batch_size=batch_size)
+        got = judging.judge_with_retries(lm, [convs[i] for i in order], judging.parse_rubric,
+                                         keys=[keys[i] for i in order], **dict(ask, seed=seed))
+        return {keys[i]: r.texts for i, r in zip(order, got)}
+
+    wide = texts(8, range(5))
+    assert all(len(t) == 2 for t in wide.values())  # a random model's text never parses: retried
+    assert texts(1, [4, 2, 0]) == {k: wide[k] for k in ("item-4", "item-2", "item-0")}
+    reseeded = texts(8, range(5), seed=2)
+    assert all(reseeded[k][0] == wide[k][0] for k in keys)  # the first try is greedy
+    assert sum(reseeded[k][1] != wide[k][1] for k in keys) >= 4  # the retry samples from the item's seed
+
+
+def _judge_run(data, workdir, model, limit, shard_size, batch_size):
+    import polars as pl
+
+    from prefdata.executors import LocalExecutor
+    from prefdata.pipeline import Pipeline
+    from prefdata.steps.load_prompts import LoadPrompts
+    from prefdata.steps.sample import Sample
+
+    steps = [LoadPrompts(path=str(data), limit=limit),
+             Sample(model=model, n=2, max_new_tokens=4, backend="transformers", device="cpu", dtype="float32"),
+             JudgeRubric(model=model, name="uf", max_attempts=2, max_new_tokens=6, temperature=0.5,
+                         backend="transformers", device="cpu", dtype="float32", batch_size=batch_size)]
+    pipe = Pipeline(steps, workdir=workdir, shard_size=shard_size, progress=False, card=False,
+                    executor=LocalExecutor(in_process=True))
+    return pl.from_arrow(pipe.run()), pipe.stats[2].counts
+
+
+def test_judge_rows_do_not_depend_on_shards_or_batches_and_a_larger_limit_reuses_them(
+        tiny_llama, tmp_path, one_thread):
+    import json as _json
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(_json.dumps({"prompt": f"Tell me about {k}."}) + "\n" for k in range(6)))
+    fresh, counts = _judge_run(data, tmp_path / "a", tiny_llama, 6, shard_size=5, batch_size=8)
+    assert counts["prompts_computed"] == 6 and counts["uf_asked"] == 12 and fresh.height == 12
+    other, _ = _judge_run(data, tmp_path / "b", tiny_llama, 6, shard_size=2, batch_size=1)
+    assert other.equals(fresh)
+    _, counts = _judge_run(data, tmp_path / "c", tiny_llama, 3, shard_size=2, batch_size=8)
+    assert counts["prompts_computed"] == 3 and counts["uf_asked"] == 6
+    grown, counts = _judge_run(data, tmp_path / "c", tiny_llama, 6, shard_size=2, batch_size=8)
+    assert counts["prompts_computed"] == 3 and counts["prompts_reused"] == 3  # only the new prompts judged
+    assert grown.equals(fresh)
+
+
 @pytest.mark.slow
 def test_smollm2_runs_both_judges_end_to_end(one_thread):
     kw = dict(backend="transformers", device="cpu", max_new_tokens=48, max_attempts=2)

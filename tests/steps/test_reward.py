@@ -108,3 +108,53 @@ def test_empty_shard_and_bad_configs(rms):
         ScoreRM(model="a", dropout=0.1)
     with pytest.raises(ValueError, match="label 3 does not exist"):
         _step(model=plain, label=3).process(_table())
+
+
+# -- MC dropout seeded per row: shard size, batch size, --limit ------------------------------
+def _mc_run(data, workdir, sampler, rm, limit, shard_size, batch_size):
+    import polars as pl
+
+    from prefdata.executors import LocalExecutor
+    from prefdata.pipeline import Pipeline
+    from prefdata.steps.load_prompts import LoadPrompts
+    from prefdata.steps.sample import Sample
+
+    steps = [LoadPrompts(path=str(data), limit=limit),
+             Sample(model=sampler, n=2, max_new_tokens=4, backend="transformers", device="cpu", dtype="float32"),
+             _step(model=rm, mc_dropout=3, seed=7, batch_size=batch_size)]
+    pipe = Pipeline(steps, workdir=workdir, shard_size=shard_size, progress=False, card=False,
+                    executor=LocalExecutor(in_process=True))
+    return pl.from_arrow(pipe.run()), pipe.stats[2].counts
+
+
+def test_mc_dropout_rows_do_not_depend_on_shards_or_batches_and_a_larger_limit_reuses_them(
+        rms, tiny_llama, tmp_path):
+    import json
+
+    dropout = rms[2]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Tell me about {k}."}) + "\n" for k in range(6)))
+    fresh, counts = _mc_run(data, tmp_path / "a", tiny_llama, dropout, 6, shard_size=5, batch_size=8)
+    assert counts["prompts_computed"] == 6 and (fresh["score_rm_std"] > 0).all()
+    other, _ = _mc_run(data, tmp_path / "b", tiny_llama, dropout, 6, shard_size=2, batch_size=1)
+    assert other.equals(fresh)  # the same masks per row: equal to the last bit
+    _, counts = _mc_run(data, tmp_path / "c", tiny_llama, dropout, 3, shard_size=2, batch_size=8)
+    assert counts["prompts_computed"] == 3
+    grown, counts = _mc_run(data, tmp_path / "c", tiny_llama, dropout, 6, shard_size=2, batch_size=8)
+    assert counts["prompts_computed"] == 3 and counts["prompts_reused"] == 3  # only the new prompts scored
+    assert grown.equals(fresh)
+
+
+def test_a_rows_mc_passes_do_not_depend_on_the_other_rows(rms):
+    dropout = rms[2]
+    table = _table().append_column("prompt_id", pa.array(["p0", "p0", "p1", "p1", "p1"])).append_column(
+        "response_id", pa.array([f"r{k}" for k in range(5)]))
+    whole = _step(model=dropout, mc_dropout=4, batch_size=3).process(table)
+    alone = _step(model=dropout, mc_dropout=4, batch_size=1).process(table.take([3, 1]))
+    assert alone.column("score_rm").to_pylist() == whole.take([3, 1]).column("score_rm").to_pylist()
+    assert alone.column("score_rm_std").to_pylist() == whole.take([3, 1]).column("score_rm_std").to_pylist()
+    # the row's ids name it: another id, other masks
+    renamed = table.set_column(table.schema.get_field_index("response_id"), "response_id",
+                               pa.array([f"s{k}" for k in range(5)]))
+    again = _step(model=dropout, mc_dropout=4, batch_size=3).process(renamed)
+    assert not np.allclose(again.column("score_rm").to_numpy(), whole.column("score_rm").to_numpy())
