@@ -35,6 +35,22 @@ annotation) where it differs from the defaults (which stay as they were):
   ``max_prompt_tokens`` (1,024), removing the earliest message text first; ``error`` (the
   default) scores everything and leaves a too-long item to the backend's context check.
   Truncation needs the model's tokenizer (transformers or vLLM backends).
+
+Verified against the reference repository (gx-ai-architect/CDR-preference-annotation):
+``src/dpo_vllm.py`` scores strong minus weak as the *sum* of response-token log-probs, both
+models reading the same customised text (an end-of-sequence token appended when the
+template leaves none); ``scripts/run_bon_scoring.py`` (``load_ibm_bon_data``) replaces an
+existing system message with the criteria or adds one, and for few-shot prompts rewrites
+the last user message as block + newline + request + a "Good Assistant:" line, the block
+drawn once per prompt from its domain's pool; ``src/utils.py`` (``truncate_prompt``) keeps
+the last ``max_prompt_length`` tokens of the templated prompt and the first
+``max_output_length`` of the response, both 1,024 by the script's defaults. Differences
+that remain: a reference pool entry is a ready-written text (its own lead-in, then
+"User:" / "Good Assistant:" / "Bad Assistant:" / "Bad Assistant Response Explanation:"
+transcripts), drawn with Python's unseeded ``random.choice``; ours renders structured
+exemplars under our own lead-in and "Explanation:" label and draws k of them with a seed,
+the same in every shard. The reference's ``vanilla_domain`` mode (no customisation for its
+chat domain) is a ``criteria`` mapping that gives that domain an empty string.
 """
 
 from __future__ import annotations
@@ -45,8 +61,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from prefdata.logprobs import ResponseScoreStep, load_scorer, model_ref, option_problems, reduced
 from prefdata.schema import stable_hash
-from prefdata.step import MapStep
 
 DEFAULT_CRITERIA = (
     "You are a helpful, honest and harmless assistant. Answer the user's request "
@@ -82,7 +98,7 @@ class ScoreCDRConfig:
     max_response_tokens: int = 1024
 
 
-class ScoreCDR(MapStep):
+class ScoreCDR(ResponseScoreStep):
     """Writes ``score_<name>`` per response (strong minus weak response log-probability)."""
 
     name = "score_cdr"
@@ -93,10 +109,9 @@ class ScoreCDR(MapStep):
         from prefdata.models import check_backend
 
         c = self.config
-        if c.reduction not in ("sum", "mean"):
-            raise ValueError(f"score_cdr: reduction must be 'sum' or 'mean', got '{c.reduction}'")
-        if c.batch_size < 1:
-            raise ValueError(f"score_cdr: batch_size must be at least 1, got {c.batch_size}")
+        problems = option_problems(c)
+        if problems:
+            raise ValueError("score_cdr: " + "; ".join(problems))
         if isinstance(c.criteria, dict):
             bad = [k for k, v in c.criteria.items() if not isinstance(v, str)]
             if bad:
@@ -112,11 +127,8 @@ class ScoreCDR(MapStep):
         check_backend(c.backend)
 
     def models(self) -> list:
-        from prefdata.models.identity import ModelRef
-
         c = self.config
-        names = [c.strong] if self.same_model else [c.strong, c.weak]
-        return [ModelRef(m, backend=c.backend, device=c.device, dtype=c.dtype) for m in names]
+        return [model_ref(m, c) for m in ([c.strong] if self.same_model else [c.strong, c.weak])]
 
     @property
     def same_model(self) -> bool:
@@ -131,33 +143,20 @@ class ScoreCDR(MapStep):
         c = self.config
         return bool(customisation(c.criteria, c.exemplars, c.default_domain, c.default_domain))
 
-    def input_columns(self) -> list[str]:
-        # The domain column usually comes from the prompt file's extra columns, which
-        # load_prompts cannot declare before reading the file: it is checked in process().
-        return ["prompt", "response"]
-
-    def output_columns(self, columns: list[str]) -> list[str]:
-        column = f"score_{self.config.name}"
-        return [c for c in columns if c != column] + [column]
+    # input_columns: prompt and response. The domain column usually comes from the prompt
+    # file's extra columns, which load_prompts cannot declare before reading the file: it
+    # is checked in scores().
 
     def setup(self) -> None:
-        from prefdata.models import load_model
-
         c = self.config
-        kw = dict(backend=c.backend, device=c.device, dtype=c.dtype, batch_size=c.batch_size)
-        self.strong = load_model(c.strong, **kw)
-        self.weak = self.strong if self.same_model else load_model(c.weak, **kw)
+        self.strong = load_scorer(c.strong, c)
+        self.weak = self.strong if self.same_model else load_scorer(c.weak, c)
 
     def teardown(self) -> None:
         self.strong = self.weak = None
 
-    def process(self, table: pa.Table) -> pa.Table:
+    def scores(self, table: pa.Table) -> np.ndarray:
         c = self.config
-        column = f"score_{c.name}"
-        if column in table.column_names:
-            table = table.drop_columns([column])
-        if table.num_rows == 0:
-            return table.append_column(column, pa.array([], pa.float64()))
         if self.strong is None:
             self.setup()
         prompts = table.column("prompt").to_pylist()
@@ -183,9 +182,7 @@ class ScoreCDR(MapStep):
         else:
             strong = self.strong.logprobs(strong_in, responses)
             weak = self.weak.logprobs(weak_in, responses)
-        field = "sum" if c.reduction == "sum" else "mean"
-        scores = [getattr(s, field) - getattr(w, field) for s, w in zip(strong, weak)]
-        return table.append_column(column, pa.array(scores, pa.float64()))
+        return reduced(strong, c.reduction) - reduced(weak, c.reduction)
 
     def _customised(self, prompts: list[list[dict]], domains: list) -> list[list[dict]]:
         """Each prompt with its domain's criteria (system) and exemplars (system or user turn)."""

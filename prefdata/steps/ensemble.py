@@ -25,14 +25,24 @@ How members combine (``combine``):
   ``standardize: none`` gives the paper's formula on raw rewards.
 * ``harmonic``: the weighted harmonic mean H = (Σ w_k) / Σ (w_k / v_k) of the members
   rescaled to (0, 1] — with two members and ``harmonic_lambda: λ``, H = 1 / (λ/a + (1−λ)/b),
-  the λ-Harmonic combination (a response must be good on every aspect; a member at 0 gives
-  H = 0, the limit). The λ-Harmonic reward is attributed to the Reward Preference
-  Optimization paper; this definition is the one the feature request states and was NOT
-  verified against that paper (the search tools did not find its text). ``weights``
-  generalise λ to k members (each in (0, 1), summing to 1). ``rescale`` must be explicit:
-  ``minmax`` over the ``standardize`` scope (``global`` or ``prompt``) to [0, 1],
-  ``sigmoid`` of the standardised value, or ``none`` (raw members, which must then be
-  positive: anything else is an error naming the member and row).
+  λ weighing the first member: the λ-Harmonic reward of Miao et al. 2024, "Subject-driven
+  Text-to-Image Generation via Preference-based Reinforcement Learning" (the paper that
+  introduces Reward Preference Optimization, RPO), where a is the image-to-reference
+  similarity, b the image-to-text similarity, and the harmonic mean makes a sample good
+  only if it is good on both (a member at 0 gives H = 0, the limit). Verified against the
+  authors' code, github.com/andrew-miao/RPO ``evaluation_metrics.py``
+  (``RewardModel.mix_up_similarity_fn``): the same formula, with λ the weight of the
+  image-similarity term, each similarity a cosine mapped to [0, 1] by (s + 1)/2 — our
+  ``rescale: cosine`` — and a 1e-8 guard in each denominator that we do not add (a member
+  at exactly 0 gives 0 here, about 0 there). The code also allows λ = 0 or 1 (one member
+  alone); here λ must lie strictly inside (0, 1) — with one member, don't combine. Its
+  Bradley–Terry labels come from P(a ≻ b) = σ(r_a − r_b) (the code draws a 0/1 label from
+  it; ``build_pairs``' ``label_prob`` keeps the probability, for ``cdpo`` / ``rdpo``).
+  ``weights`` generalise λ to k members (each in (0, 1), summing to 1). ``rescale`` must be
+  explicit: ``minmax`` over the ``standardize`` scope (``global`` or ``prompt``) to [0, 1],
+  ``sigmoid`` of the standardised value, ``cosine`` ((v + 1)/2 of raw members in [−1, 1],
+  with ``standardize: none``), or ``none`` (raw members, which must then be positive:
+  anything else is an error naming the member and row).
 
 A constant member (std 0 over its scope) is centred but not scaled. Everything is a
 polars expression over the whole table; no Python loop over rows.
@@ -50,7 +60,7 @@ from prefdata.step import GlobalStep, Output
 SCOPES = ("global", "prompt", "none")
 TRANSFORMS = ("none", "logsigmoid_centered")
 COMBINES = ("mean", "sum", "harmonic")
-RESCALES = ("none", "minmax", "sigmoid")
+RESCALES = ("none", "minmax", "sigmoid", "cosine")
 QUANTILE = "quantile:"
 
 
@@ -66,7 +76,7 @@ class EnsembleConfig:
     combine: str = "mean"  # mean | sum | harmonic
     harmonic_lambda: float | None = None  # two members: H = 1 / (λ/a + (1-λ)/b)
     weights: list[float] | None = None  # harmonic weights, one per member, summing to 1
-    rescale: str = "none"  # harmonic: none | minmax | sigmoid
+    rescale: str = "none"  # harmonic: none | minmax | sigmoid | cosine ((v + 1) / 2, the RPO code)
 
 
 class Ensemble(GlobalStep):
@@ -120,6 +130,8 @@ class Ensemble(GlobalStep):
         frame = frame.drop([c for c in self.new_columns() if c in names])
         if self.config.combine == "harmonic" and self.config.rescale == "none":
             _check_positive(frame, self.config)
+        if self.config.combine == "harmonic" and self.config.rescale == "cosine":
+            _check_cosine(frame, self.config)
         df = ensemble_frame(frame, self.config).collect()
         n = self.config.name
         counts = {f"{n}_rows": df.height,
@@ -180,6 +192,8 @@ def _combine_problems(c: EnsembleConfig) -> list[str]:
     problems = []
     if c.transform != "none" or c.member_std:
         problems.append("combine harmonic takes no transform and no member_std (rescale puts members in (0, 1])")
+    if c.rescale == "cosine" and c.standardize != "none":
+        problems.append("rescale cosine maps raw similarities in [-1, 1] to [0, 1]; it needs standardize: none")
     if c.rescale == "none" and c.standardize != "none":
         problems.append("combine harmonic with rescale none needs standardize none (standardised scores are "
                         "negative for half the rows); set rescale: minmax or sigmoid, or standardize: none")
@@ -206,14 +220,26 @@ def _reference_hint(cfg: EnsembleConfig, missing: list[str]) -> str:
 
 def _check_positive(frame: pl.LazyFrame, cfg: EnsembleConfig) -> None:
     """Harmonic mean without rescaling: every present member value must be > 0."""
+    _check_members(frame, cfg, lambda x: x <= 0, "combine harmonic with rescale none needs scores > 0",
+                   "are <= 0; set rescale: minmax (to [0, 1] over the standardize scope) or sigmoid")
+
+
+def _check_cosine(frame: pl.LazyFrame, cfg: EnsembleConfig) -> None:
+    """rescale cosine: every present member value must be a cosine, in [-1, 1]."""
+    _check_members(frame, cfg, lambda x: x.abs() > 1, "rescale cosine needs scores in [-1, 1] (cosine similarities)",
+                   "are outside; use rescale: minmax or sigmoid for other scores")
+
+
+def _check_members(frame: pl.LazyFrame, cfg: EnsembleConfig, is_bad, need: str, advice: str) -> None:
+    """An error naming each member with bad values, their count and the first bad row."""
+    values = {m: pl.col(m).cast(pl.Float64) for m in cfg.members}
     bad = frame.with_row_index("__row").select(
-        [pl.col("__row").filter(pl.col(m).cast(pl.Float64) <= 0).first().alias(m) for m in cfg.members]
-        + [(pl.col(m).cast(pl.Float64) <= 0).sum().alias(f"__n_{m}") for m in cfg.members]).collect().row(0, named=True)
+        [pl.col("__row").filter(is_bad(x)).first().alias(m) for m, x in values.items()]
+        + [is_bad(x).sum().alias(f"__n_{m}") for m, x in values.items()]).collect().row(0, named=True)
     found = [(m, bad[m], bad[f"__n_{m}"]) for m in cfg.members if bad[f"__n_{m}"]]
     if found:
         detail = ", ".join(f"{m}: {n} value(s), first at row {row}" for m, row, n in found)
-        raise ValueError(f"score_ensemble: combine harmonic with rescale none needs scores > 0, but {detail} "
-                         "are <= 0; set rescale: minmax (to [0, 1] over the standardize scope) or sigmoid")
+        raise ValueError(f"score_ensemble: {need}, but {detail} {advice}")
 
 
 def ensemble_frame(frame: pl.LazyFrame, cfg: EnsembleConfig) -> pl.LazyFrame:
@@ -290,6 +316,8 @@ def _log_sigmoid(d: pl.Expr) -> pl.Expr:
 def _rescaled(cfg: EnsembleConfig, m: str, z: pl.Expr) -> pl.Expr:
     if cfg.rescale == "sigmoid":
         return 1.0 / (1.0 + (-z).exp())
+    if cfg.rescale == "cosine":
+        return (z + 1.0) / 2.0
     if cfg.rescale == "minmax":
         x = pl.col(m).cast(pl.Float64).fill_nan(None)
         lo, hi = x.min(), x.max()

@@ -187,6 +187,19 @@ def ld_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_log
 
     Liu et al., "Length Desensitization in Direct Preference Optimization", 2024.
     ``*_public_logps`` are the summed log-probs of each response's first l_p tokens.
+
+    Verified against: the split of a response's log-likelihood at l_p = min(|y_w|, |y_l|)
+    with the excess weighted by α is the paper's (as TRL's paper index restates it); the
+    paper's own method section could not be retrieved here. Whether the *reference*
+    log-probs are desensitised too differs between reimplementations: TRL today
+    (huggingface/trl ``trl/trainer/dpo_trainer.py``, since its 2026 DPO refactor) weights
+    the reference's excess by α as well — what we do, the same formula for both models —
+    while TRL's first LD-DPO version (PR #3458, 2025) and LLaMA-Factory
+    (``src/llamafactory/train/trainer_utils.py`` ``get_batch_logps``, called with
+    ``ld_alpha`` only for the policy) keep the reference's full sum. Per pair the gradient
+    direction is the same; their margin is ours plus β·(1 − α)·(E_l − E_w), E the
+    reference's log-prob of a response's excess tokens (0 for the shorter one), which
+    changes each pair's weight σ(−margin).
     """
     return dpo_loss(ld_logps(chosen_logps, chosen_public_logps, alpha),
                     ld_logps(rejected_logps, rejected_public_logps, alpha),

@@ -134,7 +134,7 @@ def test_empty_shard_and_existing_column(models):
 
 
 def test_bad_configs_are_clear_errors():
-    with pytest.raises(ValueError, match="reduction must be"):
+    with pytest.raises(ValueError, match="option 'reduction' must be 'sum' or 'mean'"):
         ScoreCDR(reduction="max")
     with pytest.raises(ValueError, match="customisation on the strong side only"):
         ScoreCDR(criteria=None)

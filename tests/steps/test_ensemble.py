@@ -137,6 +137,27 @@ def test_lambda_harmonic_is_the_weighted_harmonic_mean():
     assert all(h <= (lam * x + (1 - lam) * y) + 1e-12 for h, x, y in zip(got["score_hm"], a, b))
 
 
+def test_lambda_harmonic_with_cosine_rescale_is_the_rpo_reference_reward():
+    """github.com/andrew-miao/RPO evaluation_metrics.py: cosine similarities s mapped by (s + 1)/2,
+    then 1 / (λ / image_sim + (1 − λ) / text_sim), λ on the first (image-similarity) member."""
+    cos = {"prompt_id": ["a", "a", "b"], "score_img": [0.62, -0.1, 1.0], "score_txt": [0.31, 0.28, -1.0]}
+    lam = 0.3  # the reference's default reward_lambda
+    got, _ = run(cos, members=["score_img", "score_txt"], standardize="none", combine="harmonic",
+                 rescale="cosine", harmonic_lambda=lam)
+    a, b = ((np.array(cos[m]) + 1) / 2 for m in ("score_img", "score_txt"))
+    with np.errstate(divide="ignore"):
+        expected = np.nan_to_num(1.0 / (lam / a + (1 - lam) / b), nan=0.0)
+    np.testing.assert_allclose(got["score_ensemble"][:2], expected[:2], rtol=1e-12)
+    assert got["score_ensemble"][:2] == pytest.approx([1 / (0.3 / 0.81 + 0.7 / 0.655), 1 / (0.3 / 0.45 + 0.7 / 0.64)])
+    assert got["score_ensemble"][2] == 0.0  # a text similarity of -1 maps to 0: H = 0 (the limit)
+    with pytest.raises(ValueError, match=r"score_ensemble: rescale cosine needs scores in \[-1, 1\].*"
+                                         r"score_rm: 4 value\(s\), first at row 1"):
+        run(members=["score_rm", "score_cdr"], standardize="none", combine="harmonic", rescale="cosine",
+            harmonic_lambda=0.5)
+    with pytest.raises(ValueError, match="rescale cosine .* needs standardize: none"):
+        Ensemble(members=["score_a", "score_b"], combine="harmonic", rescale="cosine", harmonic_lambda=0.5)
+
+
 def test_harmonic_rescaling_minmax_and_sigmoid():
     got, _ = run(members=["score_rm", "score_cdr"], standardize="prompt", combine="harmonic", rescale="minmax",
                  harmonic_lambda=0.5)

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefdata.models import clear_cache
-from prefdata.steps.flr import DEFAULT_NEGATIVE, DEFAULT_POSITIVE, ScoreFLR, user_view
+from prefdata.flr_followups import ASPECTS, NEGATIVE, POSITIVE
+from prefdata.steps.flr import ScoreFLR, follow_ups, user_view
 
 PROMPTS = [
     [{"role": "user", "content": "What is 12 * 12?"}],
@@ -67,14 +68,49 @@ def test_user_view_swaps_roles_and_keeps_system_first():
                     {"role": "user", "content": "An apple."}]
 
 
-def test_defaults_empty_shard_and_bad_options(model):
+def test_defaults_are_the_reference_codes_six_aspect_lists(model):
+    """github.com/e0397123/FLR utils.py: ten positive and ten negative follow-ups per aspect."""
     step = ScoreFLR(model=model, backend="transformers", device="cpu")
-    assert step.config.positive == DEFAULT_POSITIVE and step.config.negative == DEFAULT_NEGATIVE
+    assert step.config.aspects == list(ASPECTS) == ["understanding", "relevance", "correctness", "engagingness",
+                                                    "informativeness", "following"]
+    pos, neg = follow_ups(step.config)
+    assert len(pos) == len(neg) == 60 and all(len(POSITIVE[a]) == len(NEGATIVE[a]) == 10 for a in ASPECTS)
+    assert pos[0] == "You\u2019re very clear and easy to understand." and neg[-1] == "You didn't stick to my instructions."
+    assert pos.count("That makes perfect sense!") == 2  # the reference repeats it: it counts twice
     assert [r.name for r in step.models()] == [model]  # the model identity enters the fingerprint
     assert step.process(_table().slice(0, 0)).column_names == ["prompt", "response", "score_flr"]
+
+
+def test_aspects_average_their_positive_minus_negative_scores(model):
+    """score = mean over aspects of (mean ℓ over the aspect's positives − mean over its negatives),
+    repeated follow-ups counted as often as listed (``understanding`` and ``informativeness`` repeat one)."""
+    aspects = ["understanding", "informativeness"]
+    step = ScoreFLR(model=model, aspects=aspects, backend="transformers", device="cpu", dtype="float32",
+                    batch_size=8)
+    rows = ROWS[:2]
+    table = pa.table({"prompt": [PROMPTS[p] for p, _ in rows], "response": [r for _, r in rows]})
+    got = step.process(table).column("score_flr").to_pylist()
+    for (p, response), value in zip(rows, got):
+        cache = {}
+
+        def lp(f):
+            if f not in cache:
+                cache[f] = _follow_up_logprob(model, PROMPTS[p], response, f)[1]
+            return cache[f]
+
+        per_aspect = [np.mean([lp(f) for f in POSITIVE[a]]) - np.mean([lp(f) for f in NEGATIVE[a]]) for a in aspects]
+        assert value == pytest.approx(np.mean(per_aspect), abs=1e-4)
+
+
+def test_bad_options_name_the_step_and_option(model):
     with pytest.raises(ValueError, match=r"score_flr: option 'negative' must be a non-empty list"):
         ScoreFLR(negative=[])
     with pytest.raises(ValueError, match=r"score_flr: follow-ups \['Ok.'\] are in both"):
         ScoreFLR(positive=["Ok."], negative=["Ok."])
     with pytest.raises(ValueError, match="option 'reduction' must be 'sum' or 'mean'"):
         ScoreFLR(reduction="max")
+    with pytest.raises(ValueError, match=r"score_flr: option 'aspects' must list some of \['understanding'"):
+        ScoreFLR(aspects=["politeness"])
+    with pytest.raises(ValueError, match=r"option 'aspects' must list some of"):
+        ScoreFLR(aspects=[], positive=["Great."])
+    ScoreFLR(aspects=[], positive=["Great."], negative=["Bad."])  # own lists need no aspect

@@ -35,7 +35,9 @@ def check(got, expected):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_ld_dpo_weights_the_longer_responses_excess_by_alpha(alpha):
-    """Liu et al. 2024: log π̂(y) = log π(y_{≤l_p}) + α·log π(y_{>l_p}), l_p = min(|y_w|, |y_l|)."""
+    """Liu et al. 2024: log π̂(y) = log π(y_{≤l_p}) + α·log π(y_{>l_p}), l_p = min(|y_w|, |y_l|),
+    for the policy and the reference alike, as huggingface/trl dpo_trainer.py does today
+    (LLaMA-Factory and TRL's first version leave the reference's sum whole: see ld_dpo_loss)."""
     expected = []
     for i in range(4):
         def hat(full, public):
