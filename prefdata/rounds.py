@@ -286,6 +286,7 @@ class RoundsRun:
         start, count = prompt_slice(self.cfg, k, self.pool_size)
         if not (self.cfg.prompts == "same" and count is None):
             pool_steps.insert(1, RoundPrompts(start=start, count=count))
+        _kill_sample_hook(pipeline, k)
         return pipeline
 
     def run(self) -> list[dict]:
@@ -325,9 +326,11 @@ class RoundsRun:
         if best is not None:
             for row in self.report:
                 row["best"] = row["round"] == best[0]
-            write_report(self.report, self.workdir / "rounds.jsonl")
-        write_plots(self.report, self.workdir)
-        update_card(pipeline, self.report)
+        t0 = time.perf_counter()
+        plots = update_card(pipeline, self.report)
+        write_plots(self.report, self.workdir, rendered=plots)
+        self.report[-1]["seconds"]["card"] = round(time.perf_counter() - t0, 3)
+        write_report(self.report, self.workdir / "rounds.jsonl")
         self.final_policy = current
         return self.report
 
@@ -506,25 +509,96 @@ def format_report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_plots(rows: list[dict], folder: Path) -> list[Path]:
-    """One PNG per metric over rounds (``<folder>/rounds_<metric>.png``); the card gets the same."""
-    from prefdata.card_plots import rounds_figures, save
+def write_plots(rows: list[dict], folder: Path, rendered: Path | None = None) -> list[Path]:
+    """One PNG per metric over rounds (``<folder>/rounds_<metric>.png``), copied from the
+    card's ``rendered`` plots folder when it has them (matplotlib is the slow part)."""
+    import shutil
 
+    from prefdata.card_plots import ROUND_METRICS, rounds_figures, save
+
+    names = [f"rounds_{m}" for m in ROUND_METRICS if any(isinstance(r.get(m), (int, float)) for r in rows)]
+    if rendered is not None and all((rendered / f"{n}.png").is_file() for n in names):
+        out = []
+        for n in names:
+            shutil.copyfile(rendered / f"{n}.png", folder / f".{n}.png.tmp")
+            out.append((folder / f".{n}.png.tmp").replace(folder / f"{n}.png"))
+        return out
     return [save(fig, folder / f"{name}.png") for name, fig in rounds_figures(rows).items()]
 
 
-def update_card(pipeline, rows: list[dict]) -> None:
-    """The last round's output card, with the rounds report and its plots."""
+def update_card(pipeline, rows: list[dict]) -> Path | None:
+    """The last round's output card, with the rounds report and its plots; its plots
+    folder, or None without an output. A card whose inputs (the data file, the report
+    without timings, the card code) are those it was made from is left as it is."""
     from prefdata.cards import write_card
-    from prefdata.io import write_json
+    from prefdata.io import write_json, write_text
 
     paths = pipeline.output_paths()
     if paths is None or not paths["summary"].exists():
-        return
+        return None
     summary = json.loads(paths["summary"].read_text())
     summary["rounds"] = rows
     write_json(summary, paths["summary"], redact_secrets=True)
-    write_card(paths["root"], data_files=[paths["data"]], summary=summary)
+    stamp, digest = paths["root"] / ".rounds-card.json", card_digest(paths["data"], summary)
+    if not (stamp.is_file() and json.loads(stamp.read_text()).get("digest") == digest
+            and (paths["root"] / "README.md").is_file()):
+        write_card(paths["root"], data_files=[paths["data"]], summary=summary)
+        write_text(json.dumps({"digest": digest}), stamp)
+    return paths["root"] / "plots"
+
+
+def card_digest(data: Path, summary: dict) -> str:
+    """What the card shows: the data's bytes, the run summary and rounds report without
+    wall times or cache hits, and the code that renders it."""
+    import hashlib
+
+    import prefdata.card_plots
+    import prefdata.card_sections
+    import prefdata.cards
+    from prefdata.models.identity import file_sha256
+
+    h = hashlib.sha256(file_sha256(data).encode())
+    volatile = ("seconds", "shards_cached", "finished")
+    stable = {"info": summary.get("info"),
+              "steps": [{k: v for k, v in s.items() if k not in volatile} for s in summary.get("steps", [])],
+              "rounds": [{k: v for k, v in r.items() if k not in volatile} for r in summary.get("rounds", [])]}
+    h.update(json.dumps(stable, sort_keys=True, default=str).encode())
+    for module in (prefdata.cards, prefdata.card_plots, prefdata.card_sections):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
+
+
+# -- kill-and-resume tests ------------------------------------------------------------------
+class _KillBeforeShard:
+    """``process`` of a sample step that SIGKILLs this process group when it is called for
+    shard number ``shards`` (0-based): that many shards are written, none more."""
+
+    def __init__(self, process, shards: int):
+        self.process, self.shards, self.calls = process, shards, 0
+
+    def __call__(self, table):
+        if self.calls == self.shards:
+            import signal
+
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        self.calls += 1
+        return self.process(table)
+
+
+def _kill_sample_hook(pipeline, k: int) -> None:
+    """Tests only: ``PREFDATA_TEST_KILL_SAMPLE=<round>:<shards>`` kills the run (``kill -9``
+    of its process group) in that round's sampling once that many shards are written — a
+    kill at a known point, whatever the machine's load (a kill from outside, timed by
+    polling for shard files, could land after the last shard)."""
+    spec = os.environ.get("PREFDATA_TEST_KILL_SAMPLE")
+    if not spec or spec.partition(":")[0] != str(k):
+        return
+    from prefdata.executors.local import LocalExecutor
+
+    if not (isinstance(pipeline.executor, LocalExecutor) and pipeline.executor.in_process):
+        raise RoundsError("PREFDATA_TEST_KILL_SAMPLE needs the local executor in process (--in-process)")
+    step = next(s for s in pipeline.steps if s.name == "sample")
+    step.process = _KillBeforeShard(step.process, int(spec.partition(":")[2]))
 
 
 # -- command line ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ training, then a rerun whose final model and tables equal an uninterrupted run's
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -43,17 +44,14 @@ def tiny_recipe(tmp_path: Path, name: str, model: str, **rounds) -> Path:
     return path
 
 
-def run_cli(recipe: Path, env: dict | None = None, kill_when=None, timeout: float = 900):
-    """``prefdata run`` in its own process group; ``kill_when()`` true -> SIGKILL the group."""
+def run_cli(recipe: Path, env: dict | None = None, timeout: float = 900):
+    """``prefdata run`` in its own process group (a kill hook SIGKILLs the whole group)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "prefdata.cli", "run", recipe.name, "--in-process", "--no-progress"],
                             cwd=recipe.parent, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     start = time.time()
     while proc.poll() is None:
-        if kill_when is not None and kill_when():
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
         if time.time() - start > timeout:
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError("prefdata run did not finish in time")
@@ -172,15 +170,14 @@ def test_iterative_dpo_kill_in_round0_sampling_and_round1_training_then_resume(t
     killed = tiny_recipe(tmp_path / "killed", "iterative_dpo", tiny_llama)
     kwork = tmp_path / "killed" / "work"
 
-    def round0_sampling_started() -> bool:  # the first sampled shard of round 0 is on disk
-        return any(kwork.glob("sample-*/shard-00000.parquet"))
-
-    code, out = run_cli(killed, kill_when=round0_sampling_started)
+    # killed inside round 0's sampling, after its first shard: at a known point (the process
+    # kills its own group, as kill -9 would), not by polling for files from here, which under
+    # load could land after the last shard
+    code, out = run_cli(killed, env={"PREFDATA_TEST_KILL_SAMPLE": "0:1"})
     assert code == -signal.SIGKILL, out
     sample_dirs = list(kwork.glob("sample-*"))
     assert len(sample_dirs) == 1 and not (sample_dirs[0] / "_SUCCESS.json").exists()
-    done = len(list(sample_dirs[0].glob("shard-*.parquet")))
-    assert 1 <= done < 2, "the kill should land inside round 0's sampling"
+    assert [p.name for p in sample_dirs[0].glob("shard-*.parquet")] == ["shard-00000.parquet"]
 
     code, out = run_cli(killed, env={"PREFDATA_TEST_KILL_TRAIN": "1:2"})
     assert code == -signal.SIGKILL, out
@@ -385,9 +382,12 @@ def test_rounds_report_pairwise_judge_win_rates_in_both_orders(tmp_path, tiny_ll
         assert asked == 3 * 2 * 2 * 2
         assert "judge vs prev" in format_report(rows)
         assert (tmp_path / "work" / "rounds_judge_win_rate_vs_round0.png").stat().st_size > 1000
-        # cached like any step: a rerun asks nothing
+        # cached like any step: a rerun asks nothing, and leaves the card (same inputs) as it is
+        card = tmp_path / "out" / "README.md"
+        made = card.stat().st_mtime_ns
         assert [r["judge_win_rate_vs_round0"] for r in run.run()] == [r["judge_win_rate_vs_round0"] for r in rows]
-        assert len(server.asked) == asked
+        assert len(server.asked) == asked and card.stat().st_mtime_ns == made
+        assert "judge_win_rate_vs_previous" in card.read_text()
         # a judge that always says A: every comparison's orders disagree -> a tie, win rate exactly 1/2
         data["eval_prompts"]["judge"] = {**judge, "model": "first"}
         biased = RoundsRun(str(path), data, in_process=True, progress=False)
@@ -409,3 +409,99 @@ def test_a_bad_eval_judge_fails_before_work(tmp_path, tiny_llama):
     with pytest.raises(RoundsError, match=r"eval_prompts: judge: must be a mapping of judge_pairwise options"):
         RoundsRun("r.yaml", data).check()
     assert not (tmp_path / "work").exists()
+
+
+def test_card_digest_ignores_timings_and_follows_the_report(tmp_path):
+    from prefdata.io import write_parquet
+    from prefdata.rounds import card_digest
+
+    import pyarrow as pa
+
+    data = write_parquet(pa.table({"x": [1, 2]}), tmp_path / "d.parquet")
+    summary = {"info": {"recipe": {"name": "r"}}, "finished": "2026-01-01T00:00:00",
+               "steps": [{"step": "sample", "seconds": 3.0, "shards_cached": 0, "rows_out": 4}],
+               "rounds": [{"round": 0, "win_rate_vs_previous": 0.5, "seconds": {"round": 9.0}}]}
+    digest = card_digest(data, summary)
+    later = json.loads(json.dumps(summary))
+    later["finished"], later["steps"][0]["seconds"], later["steps"][0]["shards_cached"] = "2027", 0.1, 1
+    later["rounds"][0]["seconds"]["round"] = 0.5
+    assert card_digest(data, later) == digest  # a cached rerun: the same card
+    later["rounds"][0]["win_rate_vs_previous"] = 0.75
+    assert card_digest(data, later) != digest
+    write_parquet(pa.table({"x": [1, 3]}), data)
+    assert card_digest(data, summary) != digest
+
+
+# -- the policy folder a round hands to the sample step (transformers, vLLM) -------------------
+def trained_policy(tmp_path: Path, model: str) -> Path:
+    """A round's policy folder as the train step writes it: one real training step."""
+    import polars as pl
+
+    from prefdata.steps.train import Train, model_dir
+
+    def msg(role, text):
+        return [{"role": role, "content": text}]
+
+    table = pl.DataFrame({"prompt_id": ["a", "b"], "prompt": [msg("user", "Name a colour."), msg("user", "Say hi.")],
+                          "chosen": [msg("assistant", "Blue."), msg("assistant", "Hi!")],
+                          "rejected": [msg("assistant", "No."), msg("assistant", "...")]})
+    step = Train(model=model, max_steps=1, batch_size=2, eval_fraction=0.0, max_length=64, save_every=1)
+    step.bind_output_dir(tmp_path)
+    step.process(table.lazy())
+    return model_dir(tmp_path)
+
+
+PROMPTS = [[{"role": "user", "content": "What is the capital of France?"}],
+           [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime number."}]]
+
+
+def test_the_policy_folder_is_a_plain_model_folder_the_sample_step_loads(tmp_path, tiny_llama):
+    """What any backend reads: one top-level weights file (checkpoints and optimizer states
+    live in checkpoints/, which loaders do not glob), config, tokenizer with its chat template."""
+    from transformers import AutoTokenizer
+
+    from prefdata.models import Sampling, load_model
+    from prefdata.models.hub import resolve
+    from prefdata.models.identity import identity_files
+
+    folder = trained_policy(tmp_path, tiny_llama)
+    weights = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    assert weights == ["model.safetensors"]
+    assert all(p.parent.name.startswith("step-") for p in folder.rglob("*.safetensors") if p.parent != folder)
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.chat_template and tok.eos_token_id is not None
+    assert resolve(str(folder)) == str(folder)  # a folder goes to from_pretrained / vllm.LLM as is
+    assert "model.safetensors" in [p.name for p in identity_files(folder)] and "log.jsonl" not in [
+        p.name for p in identity_files(folder)]  # the fingerprint covers the weights, not the logs
+    lm = load_model(str(folder), backend="transformers", device="cpu")
+    replies = lm.generate(PROMPTS, 1, Sampling(temperature=0.0, max_new_tokens=4, seed=0))
+    assert [len(r) for r in replies] == [1, 1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (pip install 'prefdata[vllm]')")
+def test_vllm_samples_from_a_round_policy_folder(tmp_path):
+    """On a GPU: the sample step with backend vllm loads the folder a round trained (plain
+    safetensors + tokenizer, fp32 as the trainer saves it) and scores like transformers."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("the vLLM backend needs a CUDA GPU")
+    import pyarrow as pa
+
+    from prefdata.models import load_model
+    from prefdata.models.hub import SMOLLM2
+    from prefdata.steps.sample import Sample
+
+    folder = trained_policy(tmp_path, SMOLLM2)
+    step = Sample(model=str(folder), backend="vllm", dtype="float32", n=2, max_new_tokens=12, temperature=0.8,
+                  model_options={"gpu_memory_utilization": 0.3})
+    table = pa.table({"prompt_id": ["p0", "p1"], "prompt": PROMPTS})
+    step.setup()
+    out = step.process(table).to_pylist()
+    assert len(out) == 4 and all(r["generator"] == str(folder) for r in out)
+    assert all(isinstance(r["response"], str) for r in out)
+    assert step.process(table).to_pylist() == out  # seeded per draw
+    reference = load_model(str(folder), backend="transformers", device="cuda", dtype="float32")
+    responses = [out[0]["response"] or "Paris.", out[2]["response"] or "7"]
+    for a, b in zip(step.model.logprobs(PROMPTS, responses), reference.logprobs(PROMPTS, responses)):
+        assert a.n_tokens == b.n_tokens and a.sum == pytest.approx(b.sum, abs=0.05)

@@ -148,7 +148,9 @@ def last_eval(run_dir: Path, step: int | None = None) -> dict:
     path = run_dir / "log.jsonl"
     if not path.exists():
         return {}
-    evals = [r for r in map(json.loads, path.read_text().splitlines()) if "eval/loss" in r]
+    from prefdata.train.trainer import read_log
+
+    evals = [r for r in read_log(path) if "eval/loss" in r]
     if step is not None:
         evals = [r for r in evals if r["step"] == step] or evals
     if not evals:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefdata.io import write_json
+from prefdata.io import write_json, write_text
 from prefdata.models.hub import load_causal_lm, resolve
 from prefdata.train import losses, robust
 from prefdata.train.adapters import add_lora, require_peft
@@ -444,6 +444,17 @@ def displacement(metrics: dict, baseline: dict) -> dict:
             "eval/likelihood_displacement": bool(dc < 0 and grew)}
 
 
+def read_log(path: Path) -> list[dict]:
+    """The records of a ``log.jsonl``; a line cut short by a kill is left out."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            log.warning("%s: a record cut short (a killed run?) is left out: %.60s", path, line)
+    return records
+
+
 class RunLog:
     """Step records to the log and <output>/log.jsonl; TensorBoard and W&B when asked."""
 
@@ -453,10 +464,10 @@ class RunLog:
         if not enabled:  # another process of a multi-process run
             return
         if resume_step is not None and self.path.exists():  # drop what the crashed run wrote later
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(k + "\n" for k in keep))
+            keep = [json.dumps(r) for r in read_log(self.path) if r.get("step", 0) <= resume_step]
+            write_text("".join(k + "\n" for k in keep), self.path)
         elif resume_step is None:
-            self.path.write_text("")
+            write_text("", self.path)
         self.file = open(self.path, "a")
         if cfg.tensorboard:
             try:
