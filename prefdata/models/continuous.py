@@ -19,15 +19,23 @@ scheduling).
   samples depends on its own logits and its own stream, never on the rows beside it.
 
 Batch composition: the prompt pass and the sampler never see other draws. On CPU the
-decode step is made row-exact too: attention runs row by row over exactly that row's
-columns (``rowwise_attention``), and the matrix products run on at least ``MIN_ROWS``
-rows (idle rows pad the batch), because BLAS (MKL here) computes a row identically for
-any batch of 16 rows or more but with other kernels below that. A draw's tokens are then
-the same whatever batch size, slot or neighbours it had. On GPU the step is one batched,
-masked attention (a loop per row would cost a kernel launch per row and layer): logits
-may then differ in the last bits with the batch, which changes a sampled token only when
-its uniform falls within that rounding of a CDF boundary (rare in float32, less rare in
-bfloat16).
+decode step is made row-exact too. The matrix products run on at least ``MIN_ROWS`` rows
+(idle rows pad the batch), because BLAS (MKL here) computes a row identically for any
+batch of 16 rows or more but with other kernels below that; with several threads only up
+to 56 rows (another kernel takes over from 57 rows when the inner dimension is 1536), so
+there a step of more than ``MAX_ROWS`` rows runs each matrix product in near-equal pieces
+of 24 to 48 rows (``_row_pieces``; one thread needs none: measured up to 256 rows). Attention reads each row's
+columns up to its *bucket*, its own length rounded up to a multiple of ``BUCKET`` (the
+columns past its length masked): rows are kept ordered by bucket in the slots, and each
+run of rows with one bucket is one attention call (``grouped_attention``). A row's result
+then depends on its own length only, since the attention kernel computes each batch entry
+alone and the same way whatever the count of entries (measured, and tested in
+``tests/models/test_continuous_invariance.py``); only the width it reads over changes the
+order of its sums, and that width is the row's own. A draw's tokens are then the same
+whatever batch size, slot or neighbours it had. On GPU the step is one batched, masked
+attention over all rows: logits may then differ in the last bits with the batch, which
+changes a sampled token only when its uniform falls within that rounding of a CDF
+boundary (rare in float32, less rare in bfloat16).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from collections import Counter, deque
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -43,8 +52,10 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 CANDIDATES = 256  # top tokens tried first for the nucleus (a full sort only when they fall short)
 MIN_ROWS = 16  # CPU decode steps run at least this many rows: BLAS is row-exact from here on
-ROWWISE = "prefdata_rowwise"
-_ROW_LENGTHS: ContextVar[list[int] | None] = ContextVar("prefdata_row_lengths", default=None)
+MAX_ROWS = 48  # ... up to here at any thread count; with threads, longer batches run in pieces
+BUCKET = 32  # CPU decode attention reads a row's columns up to its length rounded up to this
+GROUPED = "prefdata_grouped"
+_GROUPS: ContextVar[list | None] = ContextVar("prefdata_groups", default=None)
 
 
 @dataclass
@@ -126,14 +137,22 @@ class SlotCache(Cache):
             mine.keys[slot, :, :length] = theirs.keys[0]
             mine.values[slot, :, :length] = theirs.values[0]
 
-    def move(self, source: int, target: int, length: int) -> None:
+    def move(self, sources: list[int], targets: list[int], length: int) -> None:
+        """Row ``sources[k]`` goes to row ``targets[k]`` (columns ``:length``), all at once,
+        so a target may be another move's source."""
+        if not sources:
+            return
+        src = torch.tensor(sources, device=self.layers[0].keys.device)
+        dst = torch.tensor(targets, device=src.device)
         for layer in self.layers:
-            layer.keys[target, :, :length] = layer.keys[source, :, :length]
-            layer.values[target, :, :length] = layer.values[source, :, :length]
+            for name in ("keys", "values"):
+                buf = getattr(layer, name)
+                buf[dst, :, :length] = buf[src, :, :length]  # the right side is a copy
 
-    def begin_step(self, lengths: torch.Tensor) -> None:
-        """Rows ``0..len(lengths)-1`` each write their next key at column ``lengths[row]``."""
-        self.active, self.width = len(lengths), int(lengths.max()) + 1
+    def begin_step(self, lengths: torch.Tensor, width: int | None = None) -> None:
+        """Rows ``0..len(lengths)-1`` each write their next key at column ``lengths[row]``;
+        attention may read columns ``:width`` (default: up to the longest row's new key)."""
+        self.active, self.width = len(lengths), width or int(lengths.max()) + 1
         self._ensure(self.width)
         heads = self.layers[0].keys.shape[1]
         # flat row of (slot, head, column) in a [slots * heads * capacity, dim] view
@@ -142,43 +161,86 @@ class SlotCache(Cache):
 
     def _ensure(self, width: int) -> None:
         if width > self.capacity:
-            self.capacity = min(self.max_length, max(width, 2 * self.capacity))
+            self.capacity = max(width, min(self.max_length, 2 * self.capacity))
             for layer in self.layers:
                 layer.grow(self.capacity)
 
 
 # -- row-exact attention (CPU) --------------------------------------------------------------
-def rowwise_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Decode attention, each row alone over exactly its own columns.
+def bucket(columns: int) -> int:
+    """The width a row's decode attention reads: its column count rounded up to ``BUCKET``."""
+    return -(-columns // BUCKET) * BUCKET
 
-    The same arithmetic as a batch of one, whatever the other rows and the padded width;
-    query heads are grouped by their key/value head (grouped-query attention).
+
+def attention_groups(columns: list[int], device) -> list[tuple[int, int, int, torch.Tensor]]:
+    """``(first row, end row, width, mask)`` for each run of consecutive rows with one bucket;
+    the mask ``[rows, 1, 1, width]`` lets a row see its own ``columns`` only."""
+    groups, start = [], 0
+    for row in range(1, len(columns) + 1):
+        if row == len(columns) or bucket(columns[row]) != bucket(columns[start]):
+            width = bucket(columns[start])
+            seen = torch.tensor(columns[start:row], device=device)
+            mask = torch.arange(width, device=device)[None, :] < seen[:, None]
+            groups.append((start, row, width, mask[:, None, None, :]))
+            start = row
+    return groups
+
+
+def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Decode attention, one call per run of rows that share a bucket (``attention_groups``).
+
+    A row reads exactly the columns up to its bucket, masked past its length, so its
+    result is the same whatever rows share its call; query heads are grouped by their
+    key/value head (grouped-query attention). Rows after the last group (idle padding)
+    get zeros.
     """
-    lengths = _ROW_LENGTHS.get()
-    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
-    rows = []
-    for i, n in enumerate(lengths):
-        q = query[i:i + 1].reshape(1, kv_heads, heads // kv_heads, dim)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, key[i:i + 1, :, :n], value[i:i + 1, :, :n], scale=scaling)
-        rows.append(out.reshape(1, heads, 1, value.shape[-1]))
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
+    rows, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    out = query.new_zeros(rows, heads, 1, value.shape[-1])
+    for first, end, width, mask in _GROUPS.get():
+        q = query[first:end].reshape(end - first, kv_heads, heads // kv_heads, dim)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q, key[first:end, :, :width], value[first:end, :, :width], attn_mask=mask, scale=scaling)
+        out[first:end] = o.reshape(end - first, heads, 1, value.shape[-1])
+    return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ROWWISE, rowwise_attention)
+AttentionInterface.register(GROUPED, grouped_attention)
 
 
 @contextmanager
-def _rowwise(model, lengths: list[int]):
-    """Route the model's attention through ``rowwise_attention`` for one forward."""
+def _grouped(model, groups: list):
+    """Route the model's attention through ``grouped_attention`` for one forward."""
     config = model.config
-    previous, token = config._attn_implementation, _ROW_LENGTHS.set(lengths)
-    config._attn_implementation = ROWWISE
+    previous, token = config._attn_implementation, _GROUPS.set(groups)
+    config._attn_implementation = GROUPED
     try:
         yield
     finally:
         config._attn_implementation = previous
-        _ROW_LENGTHS.reset(token)
+        _GROUPS.reset(token)
+
+
+@contextmanager
+def _row_pieces(linears: list, rows: int):
+    """With several threads, run each linear layer on at most ``MAX_ROWS`` rows at a time."""
+    if rows <= MAX_ROWS or torch.get_num_threads() == 1:
+        yield
+        return
+    pieces = -(-rows // MAX_ROWS)
+    for layer in linears:
+        layer.forward = partial(_linear_in_pieces, layer, pieces)
+    try:
+        yield
+    finally:
+        for layer in linears:
+            del layer.forward
+
+
+def _linear_in_pieces(layer, pieces: int, x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    out = [torch.nn.functional.linear(part, layer.weight, layer.bias) for part in flat.tensor_split(pieces)]
+    return torch.cat(out).reshape(*x.shape[:-1], -1)
 
 
 # -- sampling -------------------------------------------------------------------------------
@@ -238,6 +300,7 @@ class ContinuousBatcher:
         self.prefilled: dict[int, tuple[DynamicCache, torch.Tensor]] = {}
         self.waiting = Counter(d.prompt for d in draws)  # draws not yet admitted, per prompt
         self.eos = torch.tensor(settings.eos_ids, device=self.device)
+        self.linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
     def run(self) -> list[Draw]:
         queue = deque(range(len(self.draws)))
@@ -245,7 +308,9 @@ class ContinuousBatcher:
         with torch.inference_mode():
             while queue or active:
                 self._fill(queue, active)
-                if not queue:
+                if self.rowwise:
+                    self._arrange(active)
+                elif not queue:
                     self._compact(active)
                 if active:
                     self._step(active)
@@ -292,10 +357,40 @@ class ContinuousBatcher:
         while None in active:
             hole = active.index(None)
             last = active.pop()
-            self.cache.move(len(active), hole, self.draws[last].length)
+            self.cache.move([len(active)], [hole], self.draws[last].length)
             active[hole] = last
             while active and active[-1] is None:
                 active.pop()
+
+    def _arrange(self, active: list) -> None:
+        """Busy rows to slots ``0..busy-1``, ordered by the bucket their next step reads, so
+        each bucket is one run of rows (one attention call). Only rows outside their
+        bucket's run move: a row that crosses into the next bucket, say, swaps with the
+        last row of its run."""
+        busy = [i for i in active if i is not None]
+        widths = {i: bucket(self.draws[i].length + 1) for i in busy}
+        ranges, start = {}, 0
+        for w in sorted(set(widths.values())):
+            count = sum(1 for v in widths.values() if v == w)
+            ranges[w], start = range(start, start + count), start + count
+        placed: list[int | None] = [None] * len(busy)
+        movers = []
+        for slot, i in enumerate(active):
+            if i is None:
+                continue
+            if slot in ranges[widths[i]]:
+                placed[slot] = i
+            else:
+                movers.append((slot, i))
+        sources, targets = [], []
+        free = {w: [p for p in r if placed[p] is None] for w, r in ranges.items()}
+        for slot, i in movers:
+            target = free[widths[i]].pop()
+            placed[target] = i
+            sources.append(slot)
+            targets.append(target)
+        self.cache.move(sources, targets, max((self.draws[active[s]].length for s in sources), default=0))
+        active[:] = placed
 
     # -- decoding ----------------------------------------------------------------------------
     def _step(self, active: list) -> None:
@@ -311,17 +406,20 @@ class ContinuousBatcher:
     def _forward(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
         """Logits after feeding each row its last token (written at column ``length``)."""
         busy = len(tokens)
-        if self.rowwise and busy < self.rows:  # idle rows keep the batch at MIN_ROWS
-            idle = self.rows - busy
+        if self.rowwise and busy < MIN_ROWS:  # idle rows keep the batch at MIN_ROWS
+            idle = MIN_ROWS - busy
             tokens, lengths = tokens + [self.s.eos_ids[0]] * idle, lengths + [0] * idle
         at = torch.tensor(lengths, device=self.device)
-        self.cache.begin_step(at)
         kwargs = dict(input_ids=torch.tensor(tokens, device=self.device)[:, None],
                       position_ids=at[:, None], cache=self.cache, use_cache=True)
         if self.rowwise:
-            with _rowwise(self.model, [n + 1 for n in lengths]):
+            groups = attention_groups([n + 1 for n in lengths[:busy]], self.device)
+            self.cache.begin_step(at, max(width for _, _, width, _ in groups))
+            with _grouped(self.model, groups), _row_pieces(self.linears, len(tokens)):
                 out = self.base(**kwargs)
+                return self._logits(out.last_hidden_state[:, -1])[:busy]
         else:
+            self.cache.begin_step(at)
             out = self.base(attention_mask=_decode_mask(at, self.cache.width, self.model), **kwargs)
         return self._logits(out.last_hidden_state[:, -1])[:busy]
 
