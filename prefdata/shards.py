@@ -262,7 +262,7 @@ def collect(pieces: Iterable, adjacent: bool = False, final_schema: Callable | N
             quarantine.append(out.quarantine)
         if out.table.num_columns or out.table.num_rows:
             tables.append(out.table)
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+    table = pa.concat_tables(tables, promote_options="permissive").combine_chunks() if tables else pa.table({})
     table = conform(table, (final_schema or _same)(table.schema))
     table = group_prompts(table) if adjacent else table
     return Output(table, pa.concat_tables(quarantine, promote_options="permissive") if quarantine else None, counts)
@@ -363,13 +363,19 @@ class ShardWriter:
         order = ["_shard", "_rank", "_seq"] if self.adjacent else ["_shard", "_seq"]
         meta = pl.concat([m for _, m in self.pending]).with_row_index("_i").sort(order)
         bounds = np.searchsorted(meta["_shard"].to_numpy(), np.arange(self.written, upto + 1))
-        taken = table.take(pa.array(meta["_i"][: bounds[-1]].to_numpy()))
+        rows = meta["_i"].to_numpy()
+        breaks = np.concatenate([[0], np.cumsum(np.diff(rows) != 1)])  # where the order is not row after row
         for j, index in enumerate(range(self.written, upto)):
-            part = taken.slice(bounds[j], bounds[j + 1] - bounds[j])
+            a, b = int(bounds[j]), int(bounds[j + 1])
+            if breaks[b - 1] == breaks[a]:  # the shard's rows are a run of the batch: no copy
+                part = table.slice(int(rows[a]), b - a)
+            else:  # (take on a table of several chunks would combine them at every call)
+                table = table.combine_chunks() if table.column(0).num_chunks > 1 else table
+                part = table.take(pa.array(rows[a:b]))
             write_shard(self.dir, index, Output(part))
             self.schemas.append(part.schema)
-        rest = meta[int(bounds[-1]):]
-        self.pending = [(table.take(pa.array(rest["_i"].to_numpy())), rest.drop("_i"))] if rest.height else []
+        rest = rows[int(bounds[-1]):]  # copied (a slice would keep the whole batch alive)
+        self.pending = [(table.take(pa.array(rest)), meta[int(bounds[-1]):].drop("_i"))] if len(rest) else []
         self.written = upto
 
     def _add_late(self, table: pa.Table, meta: pl.DataFrame) -> None:

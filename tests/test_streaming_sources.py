@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from prefdata import readers, shards
-from prefdata.pipeline import Pipeline, write_resharded
+from prefdata.pipeline import Pipeline
 from prefdata.shards import KeyIndex, ShardWriter, split_by_prompt
 from prefdata.step import Output
 from prefdata.steps.import_pairs import ImportPairs
@@ -58,6 +58,14 @@ def step_dir(pipe: Pipeline) -> Path:
 
 def files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.glob("*.parquet"))}
+
+
+def reshard_whole(out: Output, directory: Path, shard_size: int) -> None:
+    """The runner before sources streamed: ``split_by_prompt`` of the whole table, quarantine
+    and counts with shard 0."""
+    for index, part in enumerate(split_by_prompt(out.table, shard_size)):
+        shards.write_shard(directory, index, Output(part, out.quarantine if index == 0 else None,
+                                                    out.counts if index == 0 else {}))
 
 
 def run_source(source, workdir: Path, shard_size: int = 8) -> Pipeline:
@@ -154,7 +162,7 @@ def test_import_pairs_streams_bounded_batches_into_the_same_shards(tmp_path, mon
     path = write_parquet_rows(tmp_path / "hh.parquet", rows)
     monkeypatch.setattr(shards, "LATE_BYTES", 50_000)  # rows for written shards go to disk past 50 kB
     whole = ImportPairs(path=str(path), on_error="quarantine").read()  # all at once, as before streaming
-    write_resharded(whole, tmp_path / "whole", 16)
+    reshard_whole(whole, tmp_path / "whole", 16)
     baseline = files(tmp_path / "whole")
     for batch in (1, 7, 1000):
         monkeypatch.setattr(readers, "BATCH_ROWS", batch)
@@ -218,7 +226,7 @@ def test_load_prompts_dedupes_across_batches_and_keeps_the_layout(tmp_path, monk
     rows[500]["prompt"] = ""
     path = write_parquet_rows(tmp_path / "p.parquet", rows)
     whole = LoadPrompts(path=str(path), on_error="quarantine").read()
-    write_resharded(whole, tmp_path / "whole", 10)
+    reshard_whole(whole, tmp_path / "whole", 10)
     for batch in (1, 7, 1000):
         monkeypatch.setattr(readers, "BATCH_ROWS", batch)
         pipe = run_source(LoadPrompts(path=str(path), on_error="quarantine"), tmp_path / f"w{batch}", 10)
@@ -242,7 +250,7 @@ def test_import_ratings_aspects_seen_late_keep_one_column_order(tmp_path, monkey
     path = tmp_path / "u.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     whole = ImportRatings(path=str(path)).read()
-    write_resharded(whole, tmp_path / "whole", 8)
+    reshard_whole(whole, tmp_path / "whole", 8)
     monkeypatch.setattr(readers, "BATCH_BYTES", 500)  # a few rows per batch
     pipe = run_source(ImportRatings(path=str(path)), tmp_path / "w", 8)
     assert files(step_dir(pipe)) == files(tmp_path / "whole")

@@ -170,6 +170,8 @@ class _Pairs:
         keys = hash128(per.select("pid"))
         earlier, _ = self.per_prompt.get(keys, default=0)
         self.per_prompt.put(keys, earlier + per["len"].to_numpy())
+        if not earlier.any():  # no prompt of this batch had pairs before
+            return pairs
         per = per.select("pid", pl.Series("earlier", earlier))
         return pairs.join(per, on="pid", how="left", maintain_order="left").with_columns(
             k=pl.col("k") + pl.col("earlier")).drop("earlier")
