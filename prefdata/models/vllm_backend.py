@@ -73,15 +73,16 @@ class VLLMModel:
         self.max_length = getattr(config, "max_model_len", None)
 
     def generate(self, conversations: list[Conversation], n: int, sampling: Sampling,
-                 keys=None, first_index=None) -> list[list[str]]:
+                 keys=None, first_index=None, json_schema: dict | None = None) -> list[list[str]]:
         """``n`` replies per conversation; see ``generate_replies``."""
-        replies = self.generate_replies(conversations, n, sampling, keys, first_index)
+        replies = self.generate_replies(conversations, n, sampling, keys, first_index, json_schema)
         return [[g.text for g in row] for row in replies]
 
     def generate_replies(self, conversations: list[Conversation], n: int, sampling: Sampling,
-                         keys=None, first_index=None) -> list[list[Generation]]:
+                         keys=None, first_index=None, json_schema: dict | None = None) -> list[list[Generation]]:
         """``n`` replies per conversation with finish reasons; draw k of conversation i is
-        one request seeded by ``draw_seed(seed, keys[i], first_index[i] + k)``."""
+        one request seeded by ``draw_seed(seed, keys[i], first_index[i] + k)``. With
+        ``json_schema`` decoding is constrained to JSON that follows it."""
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
         if not conversations:
@@ -92,20 +93,21 @@ class VLLMModel:
             self._check_length(i, len(ids) + sampling.max_new_tokens, "prompt + max_new_tokens")
         per = 1 if sampling.temperature <= 0 else n
         requests = [{"prompt_token_ids": p} for p in prompts for _ in range(per)]
-        params = [self._params(sampling, draw_seed(sampling.seed, keys[i], starts[i] + k))
+        extra = {} if json_schema is None else json_schema_params(json_schema)
+        params = [self._params(sampling, draw_seed(sampling.seed, keys[i], starts[i] + k), extra)
                   for i in range(len(prompts)) for k in range(per)]
         outputs = self.llm.generate(requests, params, use_tqdm=len(requests) > 1)
         replies = [Generation(o.outputs[0].text, "length" if o.outputs[0].finish_reason == "length" else "stop")
                    for o in outputs]
         return [replies[i * per:(i + 1) * per] * (n // per) for i in range(len(prompts))]
 
-    def _params(self, sampling: Sampling, seed: int):
+    def _params(self, sampling: Sampling, seed: int, extra: dict):
         greedy = sampling.temperature <= 0
         return self._vllm.SamplingParams(
             n=1, temperature=max(sampling.temperature, 0.0), top_p=1.0 if greedy else sampling.top_p,
             max_tokens=sampling.max_new_tokens, min_tokens=sampling.min_new_tokens,
             stop=list(sampling.stop) or None, seed=seed,
-            stop_token_ids=[self.tokenizer.eos_token_id],
+            stop_token_ids=[self.tokenizer.eos_token_id], **extra,
         )
 
     def logprobs(self, conversations: list[Conversation], responses: list[str]) -> list[LogProb]:
