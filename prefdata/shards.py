@@ -165,46 +165,54 @@ def read_shards(paths: list[Path]) -> pa.Table:
 
 
 # -- streaming: shards written while a table arrives in pieces --------------------------------
-KEY = np.dtype("S16")
 LATE_DIR = "_late"
 LATE_BYTES = 128 << 20  # rows for already written shards held in memory before they go to disk
 QUARANTINE_ROWS = 100_000  # quarantined rows per quarantine file
 
 
 def hash128(frame: pl.DataFrame) -> np.ndarray:
-    """A 128-bit key per row (two seeded 64-bit row hashes) as ``S16`` bytes. Stable within
-    one polars version only, so keys live in memory for one run and are never stored."""
-    pair = np.stack([frame.hash_rows(seed=0).to_numpy(), frame.hash_rows(seed=1).to_numpy()], axis=1)
-    return np.ascontiguousarray(pair, dtype=np.uint64).view(KEY).ravel()
+    """A 128-bit key per row: two seeded 64-bit row hashes, an ``(n, 2)`` uint64 array.
+    Stable within one polars version only, so keys live in memory for one run, never stored."""
+    return np.stack([frame.hash_rows(seed=0).to_numpy(), frame.hash_rows(seed=1).to_numpy()], axis=1)
 
 
 class KeyIndex:
-    """A growing map from 128-bit keys to int64 values: 24 bytes a key, no Python object per
-    key, so a stream of millions of prompts can be remembered. Sorted runs, merged when a
-    newer one is as large as the one before (a binary counter: about log2(keys / batch)
-    runs, each key copied about that many times; lookups search each run)."""
+    """A growing map from 128-bit keys (``hash128``) to int64 values: 24 bytes a key, no
+    Python object per key, so a stream of millions of prompts can be remembered.
+
+    Sorted runs (by the key's first half, searched with ``searchsorted`` on uint64), merged
+    when a newer one is as large as the one before: a binary counter, so about
+    log2(keys / batch) runs and each key copied about that many times.
+    """
 
     def __init__(self):
-        self.runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (first half sorted, second half, value)
 
     def __len__(self) -> int:
-        return sum(len(k) for k, _ in self.runs)
+        return sum(len(h) for h, _, _ in self.runs)
 
     def _locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(run, position) of each key; run -1 where the key is absent."""
         run = np.full(len(keys), -1, np.int64)
         pos = np.zeros(len(keys), np.int64)
-        for r, (k, _) in enumerate(self.runs):
-            at = np.minimum(np.searchsorted(k, keys), len(k) - 1)
-            hit = (run < 0) & (k[at] == keys)
-            run[hit], pos[hit] = r, at[hit]
+        for r, (h, lo, _) in enumerate(self.runs):
+            at = np.searchsorted(h, keys[:, 0])
+            idx = np.flatnonzero((run < 0) & (at < len(h)))
+            while len(idx):  # more than once only where two keys share a first half
+                a = at[idx]
+                same = h[a] == keys[idx, 0]
+                hit = same & (lo[a] == keys[idx, 1])
+                run[idx[hit]], pos[idx[hit]] = r, a[hit]
+                idx = idx[same & ~hit]
+                at[idx] += 1
+                idx = idx[at[idx] < len(h)]
         return run, pos
 
     def get(self, keys: np.ndarray, default: int = -1) -> tuple[np.ndarray, np.ndarray]:
         """(values, found) for ``keys``; ``default`` where a key is absent."""
         run, pos = self._locate(keys)
         values = np.full(len(keys), default, np.int64)
-        for r, (_, v) in enumerate(self.runs):
+        for r, (_, _, v) in enumerate(self.runs):
             hit = run == r
             values[hit] = v[pos[hit]]
         return values, run >= 0
@@ -212,18 +220,23 @@ class KeyIndex:
     def put(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Set ``keys`` (unique) to ``values``: existing keys are updated, new ones added."""
         run, pos = self._locate(keys)
-        for r, (_, v) in enumerate(self.runs):
+        values = np.asarray(values, np.int64)
+        for r, (_, _, v) in enumerate(self.runs):
             hit = run == r
             v[pos[hit]] = values[hit]
-        new = run < 0
-        if new.any():
-            order = np.argsort(keys[new], kind="stable")
-            self.runs.append((keys[new][order], np.asarray(values, np.int64)[new][order]))
+        self.add(keys[run < 0], values[run < 0])
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Add ``keys`` that are not in the index yet (not checked)."""
+        if not len(keys):
+            return
+        order = np.argsort(keys[:, 0], kind="stable")
+        self.runs.append((keys[order, 0], keys[order, 1], np.asarray(values, np.int64)[order]))
         while len(self.runs) > 1 and len(self.runs[-2][0]) <= len(self.runs[-1][0]):
-            (k2, v2), (k1, v1) = self.runs.pop(), self.runs.pop()
-            k, v = np.concatenate([k1, k2]), np.concatenate([v1, v2])
-            order = np.argsort(k, kind="stable")
-            self.runs.append((k[order], v[order]))
+            newer, older = self.runs.pop(), self.runs.pop()
+            h, lo, v = (np.concatenate([a, b]) for a, b in zip(older, newer))
+            order = np.argsort(h, kind="stable")  # two sorted runs: a linear merge
+            self.runs.append((h[order], lo[order], v[order]))
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -340,7 +353,7 @@ class ShardWriter:
             fresh = ~found
             ranks[fresh] = np.arange(self.prompts, self.prompts + int(fresh.sum()))
             self.prompts += int(fresh.sum())
-            self.index.put(keys[fresh], ranks[fresh])
+            self.index.add(keys[fresh], ranks[fresh])
             at = ids.join(uniq, on="prompt_id", how="left", nulls_equal=True, maintain_order="left")["_u"].to_numpy()
             rank = ranks[at]
         else:  # no prompts: every row is one

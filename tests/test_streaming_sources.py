@@ -144,16 +144,21 @@ def test_key_index_maps_many_keys_through_merges():
     rng = np.random.default_rng(0)
     index, truth = KeyIndex(), {}
     for step in range(40):
-        keys = rng.integers(0, 2**63, size=(rng.integers(1, 300), 2), dtype=np.uint64)
-        keys = np.unique(np.ascontiguousarray(keys).view(shards.KEY).ravel())
+        keys = np.unique(rng.integers(0, 2**63, size=(int(rng.integers(1, 300)), 2), dtype=np.uint64), axis=0)
+        if step % 5 == 4:  # keys that share their first half with a stored key
+            keys = np.unique(np.stack([keys[:, 0] * 0 + np.uint64(7), keys[:, 1]], axis=1), axis=0)
+        keys = np.array([k for k in keys if tuple(k) not in truth], np.uint64).reshape(-1, 2)
         values = rng.integers(0, 1000, size=len(keys))
-        index.put(keys, values)
-        truth.update(zip(keys.tolist(), values.tolist()))
-    probe = np.array(list(truth)[:500] + [b"\x00" * 15 + b"\x01"], dtype=shards.KEY)
+        index.add(keys, values)
+        truth.update(zip(map(tuple, keys.tolist()), values.tolist()))
+    probe = np.array([list(k) for k in list(truth)[:500]] + [[7, 1], [1, 2]], np.uint64)
     got, found = index.get(probe)
-    assert found[:-1].all() and not found[-1] and got[-1] == -1
-    assert got[:-1].tolist() == [truth[k] for k in probe[:-1].tolist()]
+    expected = [truth.get(tuple(k)) for k in probe.tolist()]
+    assert found.tolist() == [e is not None for e in expected]
+    assert got.tolist() == [-1 if e is None else e for e in expected]
     assert len(index) == len(truth) and len(index.runs) <= 16
+    index.put(probe[:3], np.array([5, 6, 7]))  # updates in place
+    assert index.get(probe[:3])[0].tolist() == [5, 6, 7] and len(index) == len(truth)
 
 
 # -- import_pairs ----------------------------------------------------------------------------------

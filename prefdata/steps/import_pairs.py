@@ -131,7 +131,8 @@ class _Pairs:
                                             frame["prompt"], lambda m: prompt_id(m)))
         keys = hash128(frame.select("pid", "good", "worse"))
         _, before = self.seen.get(keys)
-        new = frame.select(pl.struct("pid", "good", "worse").is_first_distinct()).to_series().to_numpy() & ~before
+        first = pl.DataFrame({"h0": keys[:, 0], "h1": keys[:, 1]}).select(pl.struct("h0", "h1").is_first_distinct())
+        new = first.to_series().to_numpy() & ~before
         last_row = None
         if c.limit is not None and int(new.sum()) >= c.limit - self.pair_counts["imported"]:
             cut = int(np.flatnonzero(new)[c.limit - self.pair_counts["imported"] - 1]) + 1
@@ -144,7 +145,7 @@ class _Pairs:
         for r in bad:
             self.quarantined[f"quarantined_{r['reason']}"] += 1
         pairs = frame.filter(pl.Series(new))
-        self.seen.put(keys[new], np.zeros(int(new.sum()), np.int64))
+        self.seen.add(keys[new], np.zeros(int(new.sum()), np.int64))
         pairs = self._numbered(pairs)
         self.pair_counts["skipped_duplicate"] += frame.height - pairs.height
         self.pair_counts["imported"] += pairs.height

@@ -151,7 +151,7 @@ class _Collector:
                 break
         self.kept += len(kept)
         if c.dedupe and local:
-            self.seen.put(hash128(pl.DataFrame({"p": list(local)})), np.zeros(len(local), np.int64))
+            self.seen.add(hash128(pl.DataFrame({"p": list(local)})), np.zeros(len(local), np.int64))
         self.extras = _extras(rows, c.field, kept)
         return more
 
