@@ -21,7 +21,10 @@ The prompt mix: half ask for a single word or number (replies of ~2-10 tokens), 
 paragraph (replies that run to ``max_new_tokens``), so a static batch keeps computing
 finished short rows while its long rows go on.
 
-    python benchmarks/bench_sample.py --threads 1 [--rounds 2] [--max-new-tokens 64] [--skip-extras]
+    python benchmarks/bench_sample.py --threads 1 [--rounds 2] [--max-new-tokens 64] [--skip-extras] [--slots 64]
+
+``--slots 64`` adds runs of the step with 64 slots beside its default (same seeds, so the
+same replies: the script checks it).
 
 On a shared machine pass ``--threads 1``: with more torch threads than free cores, torch's
 worker threads wait on each other and every number turns to noise. The last line is the
@@ -79,9 +82,10 @@ def count_tokens(tokenizer, texts: list[str]) -> int:
     return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids)
 
 
-def run_ours(table: pa.Table, max_new: int) -> tuple[float, list[str]]:
+def run_ours(table: pa.Table, max_new: int, slots: int | None) -> tuple[float, list[str]]:
+    extra = {} if slots is None else {"batch_size": slots}  # None: the step's default
     step = Sample(n=N, temperature=TEMPERATURE, top_p=TOP_P, max_new_tokens=max_new, seed=SEED,
-                  backend="transformers", device="cpu")  # the step's defaults
+                  backend="transformers", device="cpu", **extra)
     step.setup()
     start = time.perf_counter()
     out = step.process(table)
@@ -164,11 +168,18 @@ def time_quickstart_rerun() -> tuple[float, bool]:
     return seconds, "loading smollm2" in proc.stderr or "Loading weights" in proc.stderr
 
 
+def _report(round_index: int, name: str, seconds: float) -> None:
+    load = os.getloadavg()[0]
+    print(f"  round {round_index + 1}: {name} {seconds:.1f} s (load {load:.2f})", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each engine")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--slots", default="",
+                        help="comma-separated slot counts for extra runs of the step beside its default, e.g. 64")
     parser.add_argument("--skip-extras", action="store_true",
                         help="skip timing the GGUF conversion and the re-run of a finished quickstart")
     args = parser.parse_args()
@@ -192,39 +203,53 @@ def main() -> None:
     if peer is None:
         print(f"distilabel: skipped: {why}")
 
-    totals = {name: [0.0, 0] for name in ("ours", "distilabel", "baseline", "ceiling")}
-    short_lens = []
+    default_slots = Sample().config.batch_size
+    variants = {"ours": None} | {f"ours@{k}": k for k in map(int, filter(None, args.slots.split(",")))
+                                 if k != default_slots}
+    totals = {name: [0.0, 0] for name in (*variants, "distilabel", "baseline", "ceiling")}
+    short_lens, replies = [], {}
     for _ in range(args.rounds):
-        seconds, texts = run_ours(table, args.max_new_tokens)
-        totals["ours"][0] += seconds
-        totals["ours"][1] += count_tokens(tok, texts)
+        for name, slots in variants.items():
+            seconds, texts = run_ours(table, args.max_new_tokens, slots)
+            totals[name][0] += seconds
+            totals[name][1] += count_tokens(tok, texts)
+            replies.setdefault(name, texts)
+            _report(_, name, seconds)
         short_lens += [len(ids) for ids in tok(texts[:len(SHORT) * N], add_special_tokens=False).input_ids]
         if peer is not None:
             seconds, texts = run_distilabel(peer, convs, args.max_new_tokens)
             totals["distilabel"][0] += seconds
             totals["distilabel"][1] += count_tokens(tok, texts)
+            _report(_, "distilabel", seconds)
         seconds, texts = run_baseline(old, convs, args.max_new_tokens)
         totals["baseline"][0] += seconds
         totals["baseline"][1] += count_tokens(tok, texts)
+        _report(_, "baseline", seconds)
         seconds, tokens = run_ceiling(ours_lm.model, totals["ours"][1] // (_ + 1))
         totals["ceiling"][0] += seconds
         totals["ceiling"][1] += tokens
+        _report(_, "ceiling", seconds)
 
     rate = {name: t / s for name, (s, t) in totals.items() if s > 0}
     print(f"{len(SHORT)} one-word + {len(LONG)} paragraph prompts x n={N}, max_new_tokens={args.max_new_tokens}, "
           f"temperature={TEMPERATURE}, top_p={TOP_P}, {args.rounds} rounds; batch size: step "
-          f"{Sample().config.batch_size} slots, baseline {BASELINE_BATCH_SIZE} rows, distilabel one prompt's N")
+          f"{default_slots} slots (default), baseline {BASELINE_BATCH_SIZE} rows, distilabel one prompt's N")
+    same = all(texts == replies["ours"] for texts in replies.values())
+    print(f"the step's replies are identical for every slot count run: {same}")
     print(f"short replies: median {sorted(short_lens)[len(short_lens) // 2]} tokens (ours)")
-    labels = {"ours": "sample step (continuous)", "distilabel": "distilabel TransformersLLM",
+    labels = {"ours": f"sample step ({default_slots} slots)", "distilabel": "distilabel TransformersLLM",
               "baseline": "sample step before (static)", "ceiling": "forward only (ceiling)"}
+    labels |= {name: f"sample step ({slots} slots)" for name, slots in variants.items() if slots}
     for name, r in rate.items():
         seconds, tokens = totals[name]
         print(f"{labels[name]:<28} {tokens:6d} tokens in {seconds:7.1f} s = {r:6.1f} tokens/s "
               f"= {r / rate['ceiling']:6.1%} of the forward-only rate")
     print(f"load average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
-    print(f"ratio to the step before (static batches): {rate['ours'] / rate['baseline']:.2f}x")
+    for name in variants:
+        print(f"{labels[name]}: ratio to the step before (static batches): {rate[name] / rate['baseline']:.2f}x")
     if "distilabel" in rate:
-        print(f"ratio to distilabel: {rate['ours'] / rate['distilabel']:.2f}x")
+        for name in variants:
+            print(f"{labels[name]}: ratio to distilabel: {rate[name] / rate['distilabel']:.2f}x")
     else:
         print("ratio to distilabel: n/a (distilabel not installed)")
 

@@ -13,29 +13,33 @@ scheduling).
 - **Slots.** One key/value buffer per layer, ``[slots, kv heads, capacity, head dim]``;
   every row starts at column 0 and a decode step writes each row's new key at that row's
   own length, attending through a per-row mask. The buffer grows by doubling; rows of
-  finished draws are filled by waiting draws, or by the last rows when none wait.
+  finished draws are filled by waiting draws, and busy rows are moved to the front (on
+  CPU also ordered by bucket, below).
 - **Seeds per draw.** Each draw has its own RNG stream (``draw_seed``) and uses one
   uniform per token: the token is the inverse CDF of that row's nucleus. What a draw
   samples depends on its own logits and its own stream, never on the rows beside it.
 
 Batch composition: the prompt pass and the sampler never see other draws. On CPU the
-decode step is made row-exact too. The matrix products run on at least ``MIN_ROWS`` rows
-(idle rows pad the batch), because BLAS (MKL here) computes a row identically for any
-batch of 16 rows or more but with other kernels below that; with several threads only up
-to 56 rows (another kernel takes over from 57 rows when the inner dimension is 1536), so
-there a step of more than ``MAX_ROWS`` rows runs each matrix product in near-equal pieces
-of 24 to 48 rows (``_row_pieces``; one thread needs none: measured up to 256 rows). Attention reads each row's
-columns up to its *bucket*, its own length rounded up to a multiple of ``BUCKET`` (the
-columns past its length masked): rows are kept ordered by bucket in the slots, and each
-run of rows with one bucket is one attention call (``grouped_attention``). A row's result
-then depends on its own length only, since the attention kernel computes each batch entry
-alone and the same way whatever the count of entries (measured, and tested in
-``tests/models/test_continuous_invariance.py``); only the width it reads over changes the
-order of its sums, and that width is the row's own. A draw's tokens are then the same
-whatever batch size, slot or neighbours it had. On GPU the step is one batched, masked
-attention over all rows: logits may then differ in the last bits with the batch, which
-changes a sampled token only when its uniform falls within that rounding of a CDF
-boundary (rare in float32, less rare in bfloat16).
+decode step is made row-exact too (measured here, and tested in
+``tests/models/test_continuous_invariance.py``):
+
+- *Matrix products* run on at least ``MIN_ROWS`` rows (idle rows pad the batch): BLAS
+  (MKL here) computes a row identically for any batch of 16 rows or more, with other
+  kernels below that. With several threads that holds only up to 56 rows (another kernel
+  takes over from 57 rows when the inner dimension is 1536), so there a step of more than
+  ``MAX_ROWS`` rows runs each linear layer in near-equal pieces of 24 to 48 rows
+  (``_row_pieces``); one thread needs none (measured up to 256 rows).
+- *Attention* reads each row's columns up to its *bucket*, its own length rounded up to a
+  multiple of ``BUCKET`` (columns past its length masked). Busy rows are kept ordered by
+  bucket in the slots and each run of rows with one bucket is one attention call
+  (``grouped_attention``). The attention kernel computes each batch entry alone and the
+  same way whatever the count of entries; only the width a row reads over changes the
+  order of its sums, and that width is the row's own.
+
+A draw's tokens are then the same whatever batch size, slot or neighbours it had. On GPU
+the step is one batched, masked attention over all rows: logits may then differ in the
+last bits with the batch, which changes a sampled token only when its uniform falls within
+that rounding of a CDF boundary (rare in float32, less rare in bfloat16).
 """
 
 from __future__ import annotations
