@@ -26,7 +26,8 @@ def tour(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tour")
     overrides = [f"workdir={tmp / 'work'}", f"output={tmp / 'out' / 'tour.parquet'}",
                  f"load_prompts.path={ROOT / 'pipelines' / 'data' / 'quickstart_prompts.jsonl'}",
-                 "load_prompts.limit=4", "sample.n=4", "sample.max_new_tokens=16"]
+                 "load_prompts.limit=4", "sample.n=4", "sample.max_new_tokens=16",
+                 "score_flr.aspects=[relevance]"]
     pipeline = Recipe.load(RECIPE, overrides).build(progress=False)
     pipeline.run()
     return pipeline

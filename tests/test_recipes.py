@@ -28,6 +28,7 @@ TINY = {  # option overrides by step name, applied where the recipe has the step
     "rationale": {"max_new_tokens": 16, "retries": 0},
     "load_prompts": {"path": str(PROMPTS), "limit": 3},
     "import_pairs": {"path": str(HH), "limit": 3},
+    "score_flr": {"aspects": "[relevance]"},
 }
 RECIPES = sorted(p.stem for p in PIPELINES.glob("*.yaml")
                  if p.stem not in NEEDS_SERVER | NOT_PIPELINES | ROUNDS)
