@@ -442,10 +442,11 @@ def comparisons(new: pl.DataFrame, old: pl.DataFrame) -> pa.Table:
                                             pl.col("response_id").alias("old_response_id")), on=keys)
     both = both.sort(keys)
     group = [stable_hash([p, i]) for p, i in zip(both["prompt_id"].to_list(), both["sample_index"].to_list())]
-    side = lambda name, response, rid: both.select(  # noqa: E731
-        pl.Series("prompt_id", group), pl.col("prompt_id").alias("eval_prompt_id"), "sample_index",
-        pl.lit(name).alias("side"), "prompt", pl.col(response).alias("response"),
-        pl.col(rid).alias("response_id")).with_row_index("row")
+    def side(name: str, response: str, rid: str) -> pl.DataFrame:
+        return both.select(pl.Series("prompt_id", group), pl.col("prompt_id").alias("eval_prompt_id"),
+                           "sample_index", pl.lit(name).alias("side"), "prompt", pl.col(response).alias("response"),
+                           pl.col(rid).alias("response_id")).with_row_index("row")
+
     rows = pl.concat([side("new", "response", "response_id"), side("old", "old_response", "old_response_id")])
     return rows.sort("row", "side", descending=[False, False]).drop("row").select(COMPARISON_COLUMNS).to_arrow()
 
@@ -453,7 +454,7 @@ def comparisons(new: pl.DataFrame, old: pl.DataFrame) -> pa.Table:
 def judge_rates(judged: pl.DataFrame, name: str) -> dict:
     """The new responses' rows after the judge: win rate (score_<name>: 1, ½ or 0 for one
     comparison in two orders), the share whose orders agreed, and the comparisons missing."""
-    score, agree = pl.col(f"score_{name}"), pl.col(f"{name}_agreement")
+    score = pl.col(f"score_{name}")
     done = judged.filter(score.is_not_null() & score.is_not_nan())
     return {"win_rate": float(done[f"score_{name}"].mean()) if done.height else None,
             "agreement": float(done[f"{name}_agreement"].mean()) if done.height else None,
