@@ -171,10 +171,10 @@ def cmd_run(args) -> int:
         pipeline.check_columns()
         print(format_plan(pipeline.plan()))
         return 0
-    result = pipeline.run()
+    pipeline.run(collect=False)  # the output file is written shard by shard; nothing is loaded whole
     print(format_summary(pipeline.stats))
     if pipeline.output:
-        print(f"wrote {result.num_rows} rows to {pipeline.output}")
+        print(f"wrote {pipeline.stats[-1].rows_out} rows to {pipeline.output}")
         q = pipeline.output_paths()["quarantine"]
         if q.exists():
             print(f"quarantined rows (with reasons) in {q}")

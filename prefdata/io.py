@@ -57,6 +57,38 @@ def write_parquet(table: pa.Table, path: str | Path, metadata: dict | None = Non
     return path
 
 
+def write_parquet_files(files: list[Path], path: str | Path, metadata: dict | None = None) -> int:
+    """Concatenate parquet files into one, a file at a time, atomically; returns the row count.
+
+    Memory holds one input file, not the result: a run's output of millions of rows is
+    written without being loaded. Schemas are unified as ``concat_tables`` would
+    (``permissive``: a column that is all-null in one shard takes the other shards' type).
+    """
+    path = Path(path)
+    schemas = [pq.read_schema(f).remove_metadata() for f in files]
+    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+    if metadata:
+        schema = schema.with_metadata({k.encode(): json.dumps(v).encode() for k, v in metadata.items()})
+    tmp, rows = _tmp_path(path), 0
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for f in files:
+                table = _conform(pq.read_table(f), schema)
+                writer.write_table(table)
+                rows += table.num_rows
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rows
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns in its order (missing ones all null) and types."""
+    columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD", re.I)
 
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from prefdata import shards
 from prefdata.executors.local import LocalExecutor
-from prefdata.io import step_metadata, write_json, write_parquet
+from prefdata.io import step_metadata, write_json, write_parquet, write_parquet_files
 from prefdata.prompt_store import PromptStore, prompt_keys, prompt_local
 from prefdata.step import GlobalStep, MapStep, Source, Step
 
@@ -147,8 +147,12 @@ class Pipeline:
         return plan_pipeline(self)
 
     # -- running -----------------------------------------------------------------------
-    def run(self) -> pa.Table | None:
-        """Run (or resume) every step; write the output file; return the final table."""
+    def run(self, collect: bool = True) -> pa.Table | None:
+        """Run (or resume) every step; write the output file; return the final table.
+
+        ``collect=False`` returns None and never loads the final table: the output file is
+        written shard by shard, so a run of millions of rows (an import) stays in bounded
+        memory. The command line runs this way."""
         self.check_columns()
         if not self.progress:
             from prefdata.executors.worker import silence_progress_bars
@@ -177,9 +181,9 @@ class Pipeline:
                 n_shards = self._run_global(step, dirs[i - 1], step_dir, n_shards, stats, marker)
             stats.seconds = round(time.perf_counter() - start, 3)
             self.stats.append(stats)
-        result = shards.read_shards(shards.shard_files(dirs[-1], n_shards))
-        self._write_outputs(result, dirs)
-        return result
+        files = shards.shard_files(dirs[-1], n_shards)
+        self._write_outputs(files, dirs)
+        return shards.read_shards(files) if collect else None
 
     def _run_source(self, step: Source, step_dir: Path, stats: StepStats, marker: dict) -> int:
         found = shards.read_marker(step_dir)
@@ -277,13 +281,13 @@ class Pipeline:
         return {"steps": [asdict(s) for s in self.stats], "info": self.info,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
-    def _write_outputs(self, result: pa.Table, dirs: list[Path]) -> None:
+    def _write_outputs(self, files: list[Path], dirs: list[Path]) -> None:
         summary = self.summary()
         write_json(summary, self.workdir / "summary.json", redact_secrets=True)
         paths = self.output_paths()
         if paths is None:
             return
-        write_parquet(result, paths["data"], metadata=step_metadata(summary))
+        write_parquet_files(files, paths["data"], metadata=step_metadata(summary))
         quarantine = self.quarantine(dirs)
         if quarantine is not None:
             write_parquet(quarantine, paths["quarantine"])

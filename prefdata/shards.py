@@ -109,7 +109,7 @@ def compute_shard(step, in_path: Path, step_dir: Path, index: int, store=None) -
     """
     table = pq.read_table(in_path)
     start = time.perf_counter()
-    if store is not None and table.num_rows:
+    if store is not None and table.num_rows and "prompt_id" in table.column_names:
         counts = _compute_with_store(step, table, store, step_dir, index, start)
         if counts is not None:
             return counts

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from prefdata.io import write_json, write_parquet, write_text
@@ -29,3 +31,24 @@ def test_json_keeps_insertion_order_unless_asked(tmp_path):
         (tmp_path / "s.json").read_text().index('"a"')
     text = write_json({"b": 1, "a": 2}, tmp_path / "t.json", sort_keys=True).read_text()
     assert text.index('"a"') < text.index('"b"')
+
+
+def test_parquet_files_are_concatenated_one_at_a_time_like_concat_tables(tmp_path):
+    from prefdata.io import write_parquet_files
+    from prefdata.shards import read_shards
+
+    parts = [pa.table({"a": [1, 2], "b": pa.nulls(2)}),                    # b all null here
+             pa.table({"a": [3], "b": ["x"], "c": [0.5]}),                  # c only here
+             pa.table({"b": ["y", None], "a": [4, 5]})]                     # other column order
+    files = []
+    for i, t in enumerate(parts):
+        files.append(write_parquet(t, tmp_path / f"shard-{i}.parquet"))
+    out = tmp_path / "out.parquet"
+    assert write_parquet_files(files, out, metadata={"prefdata_run": {"k": 1}}) == 5
+    got = pq.read_table(out)
+    assert got.replace_schema_metadata(None).equals(read_shards(files))    # what the whole-table path writes
+    assert got.column_names == ["a", "b", "c"] and got["c"].to_pylist() == [None, None, 0.5, None, None]
+    assert json.loads(got.schema.metadata[b"prefdata_run"]) == {"k": 1}
+    # one row group per input file: the output was never assembled whole in memory
+    assert pq.ParquetFile(out).metadata.num_row_groups == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []   # no temp left

@@ -457,3 +457,31 @@ def test_real_sample_reuse_matches_a_fresh_run(tmp_path, tiny_llama):
     counts, relaid, _ = run(tmp_path / "a", limit=6, shard_size=4)
     assert counts.get("prompts_computed", 0) == 0  # another layout computes nothing
     assert pl.from_arrow(relaid).equals(pl.from_arrow(grown))
+
+
+def test_run_without_collect_writes_the_same_output_without_loading_it(prompts, tmp_path):
+    whole = make(prompts, tmp_path / "a").run()
+    pipe = make(prompts, tmp_path / "b")
+    assert pipe.run(collect=False) is None
+    streamed = pq.read_table(tmp_path / "b" / "out" / "result.parquet")
+    assert streamed.replace_schema_metadata(None).equals(whole)
+    assert pq.ParquetFile(tmp_path / "b" / "out" / "result.parquet").metadata.num_row_groups == pipe.stats[-1].shards
+    assert streamed.schema.metadata == pq.read_schema(tmp_path / "a" / "out" / "result.parquet").metadata
+
+
+class ReadTexts(Source):
+    """A user's source without prompt_id: map steps still run (computed per shard)."""
+
+    name = "texts"
+    Config = ReadConfig
+
+    def output_columns(self, columns):
+        return ["response"]
+
+    def read(self):
+        return pa.table({"response": ["a", "bbb", "cc"]})
+
+
+def test_a_table_without_prompt_id_is_computed_per_shard_not_refused(tmp_path):
+    pipe = Pipeline([ReadTexts(), Score()], workdir=tmp_path / "work", shard_size=2, progress=False)
+    assert pipe.run()["score_len"].to_pylist() == [1.0, 3.0, 2.0]
