@@ -46,7 +46,7 @@ class SampleConfig:
     backend: str = "auto"
     device: str = "auto"
     dtype: str = "auto"
-    batch_size: int = 32  # transformers: replies decoded together (continuous batching)
+    batch_size: int = 64  # transformers: replies decoded together (continuous batching; KV memory grows with it)
     append: bool = False
     min_new_tokens: int = 0  # eos is suppressed before this many tokens
     stop: list[str] = field(default_factory=list)  # a reply is cut before the first of these
