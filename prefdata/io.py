@@ -57,25 +57,38 @@ def write_parquet(table: pa.Table, path: str | Path, metadata: dict | None = Non
     return path
 
 
-def write_parquet_files(files: list[Path], path: str | Path, metadata: dict | None = None) -> int:
-    """Concatenate parquet files into one, a file at a time, atomically; returns the row count.
+ROW_GROUP_ROWS = 100_000  # rows per row group of a concatenated output (readers batch by row group)
 
-    Memory holds one input file, not the result: a run's output of millions of rows is
-    written without being loaded. Schemas are unified as ``concat_tables`` would
-    (``permissive``: a column that is all-null in one shard takes the other shards' type).
+
+def write_parquet_files(files: list[Path], path: str | Path, metadata: dict | None = None,
+                        row_group_rows: int = ROW_GROUP_ROWS) -> int:
+    """Concatenate parquet files into one, atomically, holding at most about
+    ``row_group_rows`` rows in memory; returns the row count.
+
+    A run's output of millions of rows is written without being loaded whole. Small shards
+    are gathered into row groups of ``row_group_rows`` (a row group per 64-prompt shard
+    would make readers such as ``datasets`` take tiny batches; an empty one makes them
+    fail). Schemas are unified as ``concat_tables`` would (``permissive``: a column that is
+    all-null in one shard takes the other shards' type).
     """
     path = Path(path)
     schemas = [pq.read_schema(f).remove_metadata() for f in files]
     schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
     if metadata:
         schema = schema.with_metadata({k.encode(): json.dumps(v).encode() for k, v in metadata.items()})
-    tmp, rows = _tmp_path(path), 0
+    tmp, rows, pending = _tmp_path(path), 0, []
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
             for f in files:
                 table = _conform(pq.read_table(f), schema)
-                writer.write_table(table)
-                rows += table.num_rows
+                if table.num_rows:
+                    pending.append(table)
+                    rows += table.num_rows
+                if sum(t.num_rows for t in pending) >= row_group_rows:
+                    writer.write_table(pa.concat_tables(pending), row_group_size=max(row_group_rows, 1) * 2)
+                    pending = []
+            if pending:
+                writer.write_table(pa.concat_tables(pending), row_group_size=max(row_group_rows, 1) * 2)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

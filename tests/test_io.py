@@ -39,16 +39,21 @@ def test_parquet_files_are_concatenated_one_at_a_time_like_concat_tables(tmp_pat
 
     parts = [pa.table({"a": [1, 2], "b": pa.nulls(2)}),                    # b all null here
              pa.table({"a": [3], "b": ["x"], "c": [0.5]}),                  # c only here
+             pa.table({"a": pa.array([], pa.int64())}),                       # an empty shard
              pa.table({"b": ["y", None], "a": [4, 5]})]                     # other column order
     files = []
     for i, t in enumerate(parts):
         files.append(write_parquet(t, tmp_path / f"shard-{i}.parquet"))
     out = tmp_path / "out.parquet"
-    assert write_parquet_files(files, out, metadata={"prefdata_run": {"k": 1}}) == 5
+    assert write_parquet_files(files, out, metadata={"prefdata_run": {"k": 1}}, row_group_rows=2) == 5
     got = pq.read_table(out)
     assert got.replace_schema_metadata(None).equals(read_shards(files))    # what the whole-table path writes
     assert got.column_names == ["a", "b", "c"] and got["c"].to_pylist() == [None, None, 0.5, None, None]
     assert json.loads(got.schema.metadata[b"prefdata_run"]) == {"k": 1}
-    # one row group per input file: the output was never assembled whole in memory
-    assert pq.ParquetFile(out).metadata.num_row_groups == 3
+    # rows gathered into groups of >= 2 as they come (never the whole output in memory);
+    # no empty row group (readers such as `datasets` batch by row group and fail on 0 rows)
+    groups = [pq.ParquetFile(out).metadata.row_group(i).num_rows for i in range(pq.ParquetFile(out).num_row_groups)]
+    assert groups == [2, 3]
+    from datasets import load_dataset                                       # the consumer that failed on an empty group
+    assert load_dataset("parquet", data_files=str(out), cache_dir=str(tmp_path / "hf"))["train"]["a"] == [1, 2, 3, 4, 5]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []   # no temp left
