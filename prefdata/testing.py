@@ -45,3 +45,24 @@ def make_tiny_llama(path: str | Path, seed: int = 0, *, hidden_size: int = 64, l
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return str(path)
+
+
+def make_eos_prone(base: str | Path, path: str | Path) -> str:
+    """Save a copy of the tiny Llama at ``base`` whose eos has ~12% probability per step.
+
+    A random model almost never picks eos from 49k tokens, so every reply would run to
+    ``max_new_tokens``; tests of continuous batching need replies of varied lengths. A large
+    constant feature in every embedding survives the layers, and only eos reads it.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base)
+    eos = model.config.eos_token_id
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] += 30.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[eos, 0] = 2.3
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(base).save_pretrained(path)
+    return str(path)

@@ -4,10 +4,10 @@ slot rearrangement (rows ordered by bucket) never changing a draw."""
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaForCausalLM
 
 from prefdata.models import Sampling, load_model
 from prefdata.models import continuous as C
+from prefdata.testing import make_eos_prone
 
 F = torch.nn.functional
 
@@ -75,16 +75,7 @@ def test_grouped_attention_depends_on_the_row_alone():
 @pytest.fixture(scope="module")
 def eos_prone(tiny_llama_factory, tmp_path_factory):
     """A tiny random Llama whose eos is likely (~12% a step): replies end at varied lengths."""
-    model = LlamaForCausalLM.from_pretrained(tiny_llama_factory(3))
-    eos = model.config.eos_token_id
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] += 30.0
-        model.lm_head.weight[:, 0] = 0.0
-        model.lm_head.weight[eos, 0] = 2.3
-    path = tmp_path_factory.mktemp("eos-prone-invariance")
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_llama_factory(3)).save_pretrained(path)
-    return str(path)
+    return make_eos_prone(tiny_llama_factory(3), tmp_path_factory.mktemp("eos-prone-invariance"))
 
 
 QUESTIONS = [[{"role": "user", "content": f"Question {i}: " + "word " * (5 * i)}] for i in range(6)]

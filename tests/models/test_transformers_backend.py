@@ -9,6 +9,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from prefdata.models import Sampling, clear_cache, load_model
 from prefdata.models.hub import SMOLLM2, resolve
+from prefdata.testing import make_eos_prone
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}],
@@ -246,19 +247,8 @@ def test_identical_items_are_computed_once_and_come_out_identical(tiny):
 # -- sampling: continuous batching, seeds per draw, stop strings ------------------------------
 @pytest.fixture(scope="module")
 def eos_prone(tiny_llama_factory, tmp_path_factory):
-    """A tiny random Llama whose eos has ~12% probability per step, so replies end at varied
-    lengths (a random model almost never picks eos from 49k tokens): a large constant
-    feature in every embedding survives the layers, and only eos reads it."""
-    model = LlamaForCausalLM.from_pretrained(tiny_llama_factory(3))
-    eos = model.config.eos_token_id
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] += 30.0
-        model.lm_head.weight[:, 0] = 0.0
-        model.lm_head.weight[eos, 0] = 2.3
-    path = tmp_path_factory.mktemp("eos-prone")
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_llama_factory(3)).save_pretrained(path)
-    return str(path)
+    """A tiny random Llama whose eos is likely (~12% a step): replies end at varied lengths."""
+    return make_eos_prone(tiny_llama_factory(3), tmp_path_factory.mktemp("eos-prone"))
 
 
 def _lm(path, batch_size):
